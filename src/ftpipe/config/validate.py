@@ -1,0 +1,153 @@
+"""Validation that reports every problem of a configuration at once."""
+
+from __future__ import annotations
+
+import math
+import string
+from ftpipe.config.schema import PipelineConfig
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; each names the field and what is allowed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+def template_fields(template: str) -> list[str]:
+    """Names of the ``{field}`` placeholders of a template (``{{`` and ``}}`` are literal braces).
+
+    Raises ValueError for a malformed template (an unmatched brace, for example).
+    """
+    names = []
+    for _, name, spec, conv in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name == "" or not name.isidentifier():
+            raise ValueError(f"placeholder {{{name}}} is not a field name")
+        if spec or conv:
+            raise ValueError(f"placeholder {{{name}}} has a format spec or conversion; use plain {{{name}}}")
+        names.append(name)
+    return names
+
+
+def _check_templates(cfg: PipelineConfig, problems: list[str]) -> None:
+    d = cfg.data
+    allowed = sorted(d.field_mapping)
+    templates = {"input_template": d.input_template, "output_template": d.output_template}
+    if d.input_template_no_input is not None:
+        templates["input_template_no_input"] = d.input_template_no_input
+    for name, template in templates.items():
+        try:
+            fields = template_fields(template)
+        except ValueError as err:
+            problems.append(f"{name}: malformed template ({err}); write literal braces as {{{{ and }}}}")
+            continue
+        for f in fields:
+            if f not in d.field_mapping:
+                problems.append(
+                    f"{name}: unknown template field {{{f}}} (allowed: the keys of field_mapping: {allowed})"
+                )
+    try:
+        if not template_fields(d.output_template):
+            problems.append("output_template: must contain at least one {field} placeholder")
+    except ValueError:
+        pass
+    for f in d.optional_fields:
+        if f not in d.field_mapping:
+            problems.append(f"optional_fields: {f!r} is not a key of field_mapping (allowed: {allowed})")
+
+
+def _positive(problems: list[str], obj: object, names: list[str], allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if (value < 0) if allow_zero else (value <= 0):
+            bound = ">= 0" if allow_zero else "> 0"
+            problems.append(f"{name}: {value!r} is not allowed (must be {bound})")
+
+
+def collect_problems(cfg: PipelineConfig) -> list[str]:
+    """Every problem of ``cfg`` as ``"field: what is wrong (allowed: ...)"`` lines."""
+    problems: list[str] = []
+    m, lo, d, t, ds = cfg.model, cfg.lora, cfg.data, cfg.train, cfg.dist
+
+    if not m.hf_model_id.strip():
+        problems.append("hf_model_id: empty (give a hub id, a local folder, or 'embedded')")
+
+    _positive(problems, lo, ["lora_rank", "lora_alpha"])
+    if not 0.0 <= lo.lora_dropout < 1.0:
+        problems.append(f"lora_dropout: {lo.lora_dropout!r} is outside [0, 1)")
+    if m.finetuning == "lora" and not lo.lora_target_modules:
+        problems.append("lora_target_modules: empty (name at least one module, e.g. q_proj)")
+
+    ratios = {"train_ratio": d.train_ratio, "val_ratio": d.val_ratio, "test_ratio": d.test_ratio}
+    for name, value in ratios.items():
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"{name}: {value!r} is outside [0, 1]")
+    if not math.isclose(sum(ratios.values()), 1.0, abs_tol=1e-6):
+        problems.append(
+            f"train_ratio/val_ratio/test_ratio: {d.train_ratio} + {d.val_ratio} + {d.test_ratio} = "
+            f"{sum(ratios.values()):.4g}, must sum to 1"
+        )
+    if d.train_ratio <= 0:
+        problems.append("train_ratio: must be > 0 (there is nothing to train on)")
+    if d.converter is not None and ":" not in d.converter:
+        problems.append(f"converter: {d.converter!r} must be an import path 'package.module:function'")
+    if not d.dataset.strip():
+        problems.append("dataset: empty (give a hub id, a local file, a glob or a folder)")
+    _check_templates(cfg, problems)
+    _positive(problems, d, ["max_samples", "prepare_timeout_s", "max_seq_length", "pad_to_multiple_of"])
+    _positive(problems, d, ["num_workers"], allow_zero=True)
+
+    _positive(
+        problems,
+        t,
+        [
+            "num_nodes",
+            "gpus_per_node",
+            "max_steps",
+            "micro_batch_size",
+            "accumulate_grad_batches",
+            "learning_rate",
+            "val_check_interval",
+            "limit_val_batches",
+            "log_every_n_steps",
+            "gradient_clip_val",
+        ],
+    )
+    _positive(
+        problems,
+        t,
+        ["warmup_steps", "min_lr", "weight_decay", "early_stopping_patience", "early_stopping_min_delta"],
+        allow_zero=True,
+    )
+    if t.min_lr > t.learning_rate:
+        problems.append(f"min_lr: {t.min_lr} is above learning_rate {t.learning_rate} (must be <= learning_rate)")
+    if t.warmup_steps >= t.max_steps > 0:
+        problems.append(f"warmup_steps: {t.warmup_steps} must be below max_steps {t.max_steps}")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(t, name)
+        if not 0.0 <= value < 1.0:
+            problems.append(f"{name}: {value!r} is outside [0, 1)")
+
+    if ds.strategy == "single" and t.num_nodes * t.gpus_per_node != 1:
+        problems.append(
+            f"strategy: 'single' runs one process but num_nodes x gpus_per_node = "
+            f"{t.num_nodes * t.gpus_per_node} (allowed: set both to 1, or choose fsdp2/fsdp1/ddp)"
+        )
+    if ds.sharding_strategy == "HYBRID_SHARD" and ds.strategy != "fsdp1":
+        problems.append("sharding_strategy: HYBRID_SHARD is an FSDP1 setting (allowed with strategy: fsdp1)")
+    _positive(problems, ds, ["process_group_timeout_s"])
+    return problems
+
+
+def validate_config(cfg: PipelineConfig) -> PipelineConfig:
+    """Return ``cfg`` when valid, otherwise raise ConfigError listing every problem."""
+    problems = collect_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,1 @@
+"""Stage 7b: generation and scoring of the test split."""

@@ -1,0 +1,1 @@
+"""SageMaker adaptation: entry point, launcher, inference handler."""
