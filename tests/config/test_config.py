@@ -92,7 +92,9 @@ def test_malformed_template_and_strategy_combinations():
         sharding_strategy="HYBRID_SHARD",
         converter="not_an_import_path",
     )
-    problems = "\n".join(pytest.raises(ConfigError, validate_config, cfg).value.problems)
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    problems = "\n".join(info.value.problems)
     assert "output_template: malformed template" in problems
     assert "strategy: 'single' runs one process but num_nodes x gpus_per_node = 8" in problems
     assert "sharding_strategy: HYBRID_SHARD is an FSDP1 setting" in problems
@@ -108,7 +110,16 @@ def test_cli_overrides_yaml(tmp_path: Path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("max_steps: 50\nlora_rank: 8\nlearning_rate: 2.0e-4\nhf_model_id: embedded\n")
     command, cfg = parse(
-        ["prepare", "--config", str(yaml_file), "--max_steps", "7", "--warmup_steps", "2", "--lora_target_modules=[q_proj]"]
+        [
+            "prepare",
+            "--config",
+            str(yaml_file),
+            "--max_steps",
+            "7",
+            "--warmup_steps",
+            "2",
+            "--lora_target_modules=[q_proj]",
+        ]
     )
     assert command == "prepare"
     assert cfg.train.max_steps == 7  # the command line wins
@@ -185,3 +196,35 @@ def test_self_documenting_paths(tmp_path: Path):
     assert prepared_data_dir(
         cfg.replace(max_seq_length=128, use_chat_template=True).data
     ) == prepared_data_dir(cfg.data)
+
+
+def test_console_command_exits_zero_on_success_and_two_on_user_errors(alpaca_demo, tmp_path):
+    """The installed ``ftpipe`` script: 0 on success, 2 with a message (no traceback) on a user error."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("ftpipe")
+    ok = subprocess.run(
+        [
+            str(exe),
+            "prepare",
+            "--dataset",
+            str(alpaca_demo),
+            "--data_dir",
+            str(tmp_path),
+            "--max_samples",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    missing = subprocess.run(
+        [str(exe), "prepare", "--dataset", str(tmp_path / "nope.json"), "--data_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2
+    assert "nope.json" in missing.stderr and "Traceback" not in missing.stderr

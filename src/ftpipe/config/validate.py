@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import string
+
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.errors import FtpipeError
 
 
-class ConfigError(ValueError):
+class ConfigError(FtpipeError, ValueError):
     """One or more configuration problems; each names the field and what is allowed."""
 
     def __init__(self, problems: list[str]):
@@ -117,6 +119,7 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
             "limit_val_batches",
             "log_every_n_steps",
             "gradient_clip_val",
+            "peak_tflops_per_device",
         ],
     )
     _positive(
@@ -126,7 +129,9 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
         allow_zero=True,
     )
     if t.min_lr > t.learning_rate:
-        problems.append(f"min_lr: {t.min_lr} is above learning_rate {t.learning_rate} (must be <= learning_rate)")
+        problems.append(
+            f"min_lr: {t.min_lr} is above learning_rate {t.learning_rate} (must be <= learning_rate)"
+        )
     if t.warmup_steps >= t.max_steps > 0:
         problems.append(f"warmup_steps: {t.warmup_steps} must be below max_steps {t.max_steps}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -141,7 +146,33 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
         )
     if ds.sharding_strategy == "HYBRID_SHARD" and ds.strategy != "fsdp1":
         problems.append("sharding_strategy: HYBRID_SHARD is an FSDP1 setting (allowed with strategy: fsdp1)")
+    if m.precision == "16-mixed" and ds.strategy == "fsdp2":
+        problems.append(
+            "precision: '16-mixed' is not supported by FSDP2 (Lightning's ModelParallelStrategy); "
+            "allowed: auto, 32-true, bf16-mixed, bf16-true, or strategy: fsdp1/ddp"
+        )
     _positive(problems, ds, ["process_group_timeout_s"])
+
+    ev = cfg.eval
+    _positive(
+        problems,
+        ev,
+        [
+            "max_new_tokens",
+            "max_model_len",
+            "tensor_parallel_size",
+            "vllm_cpu_kvcache_gib",
+            "bertscore_num_layers",
+            "eval_batch_size",
+            "max_eval_samples",
+        ],
+    )
+    if ev.temperature < 0:
+        problems.append(f"temperature: {ev.temperature!r} is not allowed (must be >= 0; 0 is greedy)")
+    if not 0.0 < ev.top_p <= 1.0:
+        problems.append(f"top_p: {ev.top_p!r} is outside (0, 1]")
+    if not 0.0 < ev.gpu_memory_utilization <= 1.0:
+        problems.append(f"gpu_memory_utilization: {ev.gpu_memory_utilization!r} is outside (0, 1]")
     return problems
 
 

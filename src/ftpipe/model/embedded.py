@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ftpipe.config.paths import EMBEDDED_MODEL_ID
 from ftpipe.config.schema import EMBEDDED_MODEL
+from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -27,7 +28,7 @@ FOLDER_NAME = "SmolLM2-135M-Instruct"
 _COMPLETE = ".complete"
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(FtpipeError, RuntimeError):
     """The embedded model's package is missing or its conversion failed."""
 
 

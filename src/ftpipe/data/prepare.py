@@ -1,0 +1,212 @@
+"""``ftpipe prepare``: raw rows in, ``training/validation/test.jsonl`` out, prepared once.
+
+Only global rank 0 prepares. With a process group the other ranks wait in a gloo broadcast (which
+also carries rank 0's failure); without one they poll for the ``.data_ready`` marker. A folder whose
+manifest has the same settings hash and whose source files kept their size and mtime is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from ftpipe.config.paths import prepare_settings, prepared_data_dir, settings_hash
+from ftpipe.config.schema import PipelineConfig
+from ftpipe.data.build import MANIFEST_NAME, READY_MARKER, SPLIT_FILES, build_prepared
+from ftpipe.data.errors import DataError, PrepareTimeoutError
+from ftpipe.data.sources import resolve_source, source_fingerprint
+from ftpipe.utils.logging import get_logger, global_rank
+
+log = get_logger(__name__)
+_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The prepared folder and its three JSONL files.
+
+    ``reused`` is True when this call wrote nothing: the files were already prepared, or (on ranks
+    other than 0) rank 0 prepared them.
+    """
+
+    folder: Path
+    train_file: Path
+    val_file: Path
+    test_file: Path
+    counts: dict[str, int]
+    reused: bool
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSON Lines file (blank lines skipped); errors name the file and the line."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno}: unparsable JSON ({err.msg})") from err
+    return rows
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _result(folder: Path, manifest: dict, reused: bool) -> PreparedData:
+    return PreparedData(
+        folder=folder,
+        train_file=folder / SPLIT_FILES["train"],
+        val_file=folder / SPLIT_FILES["validation"],
+        test_file=folder / SPLIT_FILES["test"],
+        counts=dict(manifest["counts"]),
+        reused=reused,
+    )
+
+
+def check_prepared(
+    folder: Path, digest: str, fingerprint: list[dict] | None
+) -> tuple[dict | None, str | None]:
+    """``(manifest, None)`` when ``folder`` is complete and current, else ``(None, why)``.
+
+    ``why`` is None for a folder never prepared; ``fingerprint`` None skips the source check.
+    """
+    if not (folder / READY_MARKER).is_file():
+        leftovers = folder.is_dir() and any(folder.iterdir())
+        return (
+            None,
+            f"an earlier preparation of {folder} did not finish (no {READY_MARKER})" if leftovers else None,
+        )
+    manifest = read_manifest(folder)
+    if manifest is None or any(not (folder / name).is_file() for name in SPLIT_FILES.values()):
+        return None, f"{folder} is incomplete (manifest or split files missing)"
+    if manifest.get("settings_hash") != digest:
+        return None, f"the prepare settings changed (hash {manifest.get('settings_hash')} -> {digest})"
+    if fingerprint is not None and manifest["source"]["files"] != fingerprint:
+        before = {f["path"]: f for f in manifest["source"]["files"]}
+        now = {f["path"]: f for f in fingerprint}
+        changed = sorted(p for p in before.keys() | now.keys() if before.get(p) != now.get(p))
+        return (
+            None,
+            f"the source changed since it was prepared ({', '.join(changed[:3])}: size or mtime differs)",
+        )
+    return manifest, None
+
+
+def _prepare_rank0(cfg: PipelineConfig, folder: Path) -> PreparedData:
+    data = cfg.data
+    source = resolve_source(data.dataset)
+    settings = prepare_settings(data)
+    digest = settings_hash(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_path = folder.parent / f".{folder.name}.lock"
+    try:
+        lock = FileLock(str(lock_path), timeout=data.prepare_timeout_s)
+        lock.acquire()
+    except Timeout as err:
+        raise PrepareTimeoutError(
+            f"another process held {lock_path} (preparing {folder}) for over {data.prepare_timeout_s:g} s; "
+            "wait for it, raise prepare_timeout_s, or delete the lock file if no ftpipe process is running"
+        ) from err
+    try:
+        fingerprint = source_fingerprint(source)
+        manifest, why = check_prepared(folder, digest, fingerprint)
+        if manifest is not None:
+            log.info("Reusing prepared data in %s (same settings %s, source unchanged)", folder, digest)
+            return _result(folder, manifest, reused=True)
+        if why:
+            log.info("Preparing again: %s", why)
+        log.info("Preparing %s into %s", data.dataset, folder)
+        manifest = build_prepared(cfg, source, fingerprint, settings, digest, folder)
+        return _result(folder, manifest, reused=False)
+    finally:
+        lock.release()
+
+
+def _wait_ready(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
+    """Poll for rank 0's marker (no process group); a clear error after ``prepare_timeout_s``."""
+    digest = settings_hash(prepare_settings(cfg.data))
+    try:
+        fingerprint: list[dict] | None = source_fingerprint(resolve_source(cfg.data.dataset))
+    except (DataError, OSError):
+        fingerprint = None  # the source may live only on rank 0's machine
+    timeout = cfg.data.prepare_timeout_s
+    deadline = time.monotonic() + timeout
+    while True:
+        manifest, _ = check_prepared(folder, digest, fingerprint)
+        if manifest is not None:
+            return _result(folder, manifest, reused=True)
+        if time.monotonic() >= deadline:
+            raise PrepareTimeoutError(
+                f"rank {rank}: waited {timeout:g} s for rank 0 to prepare the data in {folder}, but no "
+                f"complete preparation ({READY_MARKER} with these settings) appeared. Check rank 0's log for "
+                "an error; raise prepare_timeout_s for a large data set; make data_dir a folder all ranks "
+                "share, or run `ftpipe prepare` with the same configuration before training."
+            )
+        time.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0.0)))
+
+
+def _prepare_in_group(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
+    """Rank 0 prepares and broadcasts its outcome over a gloo group (CPU, works beside NCCL)."""
+    import torch.distributed as dist
+
+    timeout = cfg.data.prepare_timeout_s
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    try:
+        status: list = [None]
+        if rank == 0:
+            try:
+                result = _prepare_rank0(cfg, folder)
+            except Exception as err:
+                status[0] = f"{type(err).__name__}: {err}"
+                dist.broadcast_object_list(status, src=0, group=group)
+                raise
+            status[0] = "ok"
+            dist.broadcast_object_list(status, src=0, group=group)
+            return result
+        try:
+            dist.broadcast_object_list(status, src=0, group=group)
+        except RuntimeError as err:
+            raise PrepareTimeoutError(
+                f"rank {rank}: rank 0 did not finish preparing the data in {folder} within "
+                f"prepare_timeout_s={timeout:g} s ({err}); check rank 0's log, or raise prepare_timeout_s"
+            ) from err
+        if status[0] != "ok":
+            raise DataError(f"rank {rank}: rank 0 failed to prepare the data in {folder}: {status[0]}")
+        manifest = read_manifest(folder)
+        if manifest is None or not (folder / READY_MARKER).is_file():
+            raise DataError(
+                f"rank {rank}: rank 0 prepared {folder}, but this rank cannot see it; "
+                "data_dir must be a folder that every node shares"
+            )
+        return _result(folder, manifest, reused=True)
+    finally:
+        dist.destroy_process_group(group)
+
+
+def prepare_data(cfg: PipelineConfig) -> PreparedData:
+    """Prepare (or reuse) the data set of ``cfg`` in ``prepared_data_dir(cfg.data)`` on rank 0."""
+    import torch.distributed as dist
+
+    folder = prepared_data_dir(cfg.data)
+    rank = global_rank()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        result = _prepare_in_group(cfg, folder, rank)
+    elif rank == 0:
+        result = _prepare_rank0(cfg, folder)
+    else:
+        result = _wait_ready(cfg, folder, rank)
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    log.info("Prepared data (%s) in %s: %s", "reused" if result.reused else "new", folder, counts)
+    return result

@@ -1,0 +1,230 @@
+"""Where the raw rows come from: a hub id, local files (a file, a glob, comma-separated files, a folder
+of files) or a ``save_to_disk`` folder; all loaded with ``datasets``.
+
+Row numbers in messages are the user's: 1-based line numbers for JSON Lines, 0-based row indices
+for JSON arrays, CSV (header excluded), Parquet, hub and ``save_to_disk`` data.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import datasets
+
+from ftpipe.config.paths import looks_local
+from ftpipe.data.errors import DataError
+from ftpipe.data.jsonscan import BadRecord, json_layout, scan_json_array, scan_json_lines
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+#: file suffix -> ``datasets`` packaged builder.
+BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
+ROW_NUMBERS = (
+    "JSON Lines: 1-based line numbers; JSON arrays, CSV (header excluded), Parquet, Arrow, hub and "
+    "save_to_disk data: 0-based row indices"
+)
+_LOCAL_HELP = (
+    "give an existing file (.json/.jsonl/.csv/.parquet), a glob, comma-separated files, a folder of such "
+    "files or a folder written by datasets' save_to_disk (start a relative path with ./)"
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved data source: ``hub`` (an id), ``files`` (local files) or ``disk`` (save_to_disk)."""
+
+    given: str
+    kind: str
+    files: tuple[Path, ...] = ()
+    folder: Path | None = None
+
+
+@dataclass
+class Part:
+    """One loaded piece of the source (a file, or the whole hub / save_to_disk data set)."""
+
+    name: str
+    dataset: datasets.Dataset
+    #: records in the piece, unreadable ones included (ids count them).
+    records: int
+    #: record position of each dataset row (None: row i is record i).
+    positions: list[int] | None = None
+    label: Callable[[int], str] = field(default=lambda position: f"row {position}")
+    #: records that could not be read at all (position, reason, detail).
+    bad: list[BadRecord] = field(default_factory=list)
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _supported(path: Path) -> bool:
+    return path.suffix.lower() in BUILDERS
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _expand(item: str) -> list[Path]:
+    path = Path(item).expanduser()
+    if any(c in item for c in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        found = [p for p in matches if _supported(p)]
+        if not found:
+            raise DataError(
+                f"dataset: no {'/'.join(BUILDERS)} file matches the glob {item!r} (in {Path.cwd()})"
+            )
+        return found
+    if path.is_dir():
+        found = sorted(
+            p for p in path.rglob("*") if p.is_file() and _supported(p) and not _hidden(p.relative_to(path))
+        )
+        if not found:
+            raise DataError(f"dataset: folder {path} holds neither a save_to_disk data set nor data files")
+        return found
+    if path.is_file():
+        if not _supported(path):
+            raise DataError(
+                f"dataset: {path} has an unsupported type {path.suffix!r} (allowed: {list(BUILDERS)})"
+            )
+        return [path]
+    raise DataError(f"dataset: {item!r} does not exist (looked for {path.resolve()}); {_LOCAL_HELP}")
+
+
+def resolve_source(dataset: str) -> Source:
+    """Resolve ``--dataset``; a local path that does not exist is a DataError naming it."""
+    given = dataset.strip()
+    if not looks_local(given):
+        return Source(given, "hub")
+    items = [s.strip() for s in given.split(",") if s.strip()]
+    if (
+        len(items) == 1
+        and Path(items[0]).expanduser().is_dir()
+        and _is_saved_dataset(Path(items[0]).expanduser())
+    ):
+        return Source(given, "disk", folder=Path(items[0]).expanduser().resolve())
+    files = [p.resolve() for item in items for p in _expand(item)]
+    return Source(given, "files", files=tuple(dict.fromkeys(files)))
+
+
+def source_fingerprint(source: Source) -> list[dict]:
+    """Path, size and mtime of every local file of the source (empty for hub data)."""
+    paths = list(source.files)
+    if source.folder is not None:
+        paths = sorted(p for p in source.folder.rglob("*") if p.is_file())
+    entries = []
+    for path in paths:
+        st = path.stat()
+        entries.append({"path": str(path), "size": st.st_size, "mtime": st.st_mtime})
+    return entries
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """None when the hub endpoint accepts a TCP connection, else why not."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{constants.ENDPOINT} is unreachable ({err})"
+    return None
+
+
+def load_hub(name: str, subset: str | None, split: str) -> datasets.Dataset:
+    """A hub data set; offline or unreachable hub -> an immediate DataError saying what to do."""
+    hint = f"To use local data, point --dataset at it: {_LOCAL_HELP}."
+    offline = _truthy("HF_HUB_OFFLINE") or _truthy("HF_DATASETS_OFFLINE") or datasets.config.HF_HUB_OFFLINE
+    what = f"dataset {name!r} is not a local path, so it was taken as a Hugging Face hub id"
+    if offline and not datasets.config.HF_HUB_OFFLINE:
+        raise DataError(f"{what}, but the hub is offline (HF_HUB_OFFLINE=1). {hint}")
+    if not offline:
+        problem = _hub_unreachable()
+        if problem:
+            raise DataError(
+                f"{what}, but {problem}. {hint} With a copy in the local cache, set HF_HUB_OFFLINE=1."
+            )
+    try:
+        return datasets.load_dataset(name, subset, split=split)
+    except Exception as err:
+        if offline:
+            raise DataError(
+                f"{what}, but the hub is offline (HF_HUB_OFFLINE=1) and no cached copy was found ({err}). {hint}"
+            ) from err
+        raise DataError(
+            f"could not load hub dataset {name!r} (subset {subset!r}, split {split!r}): {err}"
+        ) from err
+
+
+def load_saved(folder: Path, split: str) -> datasets.Dataset:
+    """A ``save_to_disk`` folder; a DatasetDict gives its ``split``."""
+    loaded = datasets.load_from_disk(str(folder))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"dataset: {folder} has no split {split!r} (splits: {list(loaded)}); set dataset_split"
+            )
+        return loaded[split]
+    return loaded
+
+
+def _load_file_with(builder: str, file: Path, cache_dir: Path, shown: Path) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(builder, data_files=str(file), split="train", cache_dir=str(cache_dir))
+    except Exception as err:
+        cause = err.__cause__ or err
+        raise DataError(
+            f"{shown}: could not be read as {builder} ({type(cause).__name__}: {cause}); check the file's format"
+        ) from err
+
+
+def _load_file(path: Path, work_dir: Path, fail: bool) -> Part:
+    builder = BUILDERS[path.suffix.lower()]
+    cache, clean = work_dir / "cache", work_dir / "clean"
+    if builder != "json":
+        return Part(str(path), ds := _load_file_with(builder, path, cache, path), len(ds))
+    if path.suffix.lower() == ".jsonl" or json_layout(path) == "lines":
+        scan = scan_json_lines(path, clean, fail)
+    else:
+        try:
+            return Part(str(path), ds := _load_file_with("json", path, cache, path), len(ds))
+        except DataError as err:
+            log.info("%s: datasets could not load it whole (%s); checking it row by row", path, err.__cause__)
+            scan = scan_json_array(path, clean, fail)
+    ds = _load_file_with("json", scan.clean_file or path, cache, path)
+    if len(ds) != len(scan.good):  # pragma: no cover - would make row numbers wrong
+        raise DataError(
+            f"{path}: datasets read {len(ds)} rows where {len(scan.good)} readable records were found"
+        )
+    return Part(str(path), ds, scan.records, scan.good, scan.label, scan.bad)
+
+
+def load_parts(source: Source, subset: str | None, split: str, work_dir: Path, fail: bool) -> list[Part]:
+    """Load every piece of the source; ``work_dir`` holds the loader's cache and clean copies."""
+    if source.kind == "hub":
+        ds = load_hub(source.given, subset, split)
+        return [Part(source.given, ds, len(ds))]
+    if source.kind == "disk" and source.folder is not None:
+        ds = load_saved(source.folder, split)
+        return [Part(str(source.folder), ds, len(ds))]
+    return [_load_file(path, work_dir, fail) for path in source.files]
