@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import Dataset
 
 from ftpipe.config.schema import DataConfig
+from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ MIN_PROMPT_FRACTION = 0.25
 ROLES = ("system", "user", "assistant")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(FtpipeError, ValueError):
     """The tokenizer has no chat template, or its template cannot be rendered turn by turn."""
 
 
