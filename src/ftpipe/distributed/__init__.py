@@ -1,1 +1,54 @@
-"""Stage 5: parallelism, kept apart from the model: FSDP2/FSDP1/DDP strategies, wrapping, checkpointing."""
+"""Stage 5: parallelism, kept apart from the model: FSDP2/FSDP1/DDP strategies, wrapping, checkpointing.
+
+The names below are imported on first use, so that loading a model (``ftpipe.model.load``, which
+uses the wrapping helpers) does not import Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "CPUFSDPStrategy": "ftpipe.distributed.fsdp1",
+    "MaterializeMeta": "ftpipe.distributed.fsdp1",
+    "DecoderLayerNotFoundError": "ftpipe.distributed.layers",
+    "discover_decoder_layer_classes": "ftpipe.distributed.layers",
+    "find_decoder_layer_classes": "ftpipe.distributed.layers",
+    "accelerator_name": "ftpipe.distributed.devices",
+    "process_group_backend": "ftpipe.distributed.devices",
+    "apply_activation_checkpointing": "ftpipe.distributed.checkpointing",
+    "build_strategy": "ftpipe.distributed.strategy",
+    "shard_model": "ftpipe.distributed.fsdp2",
+}
+
+__all__ = [
+    "CPUFSDPStrategy",
+    "DecoderLayerNotFoundError",
+    "MaterializeMeta",
+    "accelerator_name",
+    "apply_activation_checkpointing",
+    "build_strategy",
+    "discover_decoder_layer_classes",
+    "find_decoder_layer_classes",
+    "process_group_backend",
+    "shard_model",
+]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from ftpipe.distributed.checkpointing import apply_activation_checkpointing
+    from ftpipe.distributed.devices import accelerator_name, process_group_backend
+    from ftpipe.distributed.fsdp1 import CPUFSDPStrategy, MaterializeMeta
+    from ftpipe.distributed.fsdp2 import shard_model
+    from ftpipe.distributed.layers import (
+        DecoderLayerNotFoundError,
+        discover_decoder_layer_classes,
+        find_decoder_layer_classes,
+    )
+    from ftpipe.distributed.strategy import build_strategy
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
