@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/ftpipe prepare --config configs/demo.yaml
+	$(VENV)/bin/ftpipe run --config configs/demo.yaml
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -228,3 +228,20 @@ def test_console_command_exits_zero_on_success_and_two_on_user_errors(alpaca_dem
     )
     assert missing.returncode == 2
     assert "nope.json" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], True),
+        (["--merge", "false"], False),
+        (["--merge=false"], False),
+        (["--no_merge"], False),
+        (["--merge"], True),
+    ],
+)
+def test_boolean_fields_take_flag_and_no_flag_forms(argv, expected):
+    _, cfg = parse(["prepare", *argv])
+    assert cfg.export.merge is expected
+    _, cfg = parse(["prepare", "--no_activation_checkpointing", "--trust_remote_code"])
+    assert cfg.dist.activation_checkpointing is False and cfg.model.trust_remote_code is True

@@ -151,3 +151,15 @@ def test_loss_and_perplexity_match_a_hand_computation(fp32_model, chat_prompts, 
         loss_and_perplexity(fp32_model, [([1, 2], [-100, 2]), ([1, 2, 3], [-100, 2])], batch_size=2)
     with pytest.raises(ValueError, match="no answer tokens"):
         loss_and_perplexity(fp32_model, [([1, 2], [-100, -100])], batch_size=1)
+
+
+def test_empty_predictions_score_zero_bertscore_and_the_rest_is_unchanged():
+    settings = MetricSettings()
+    refs = ["The capital of France is Paris.", "Water boils at 100 degrees Celsius."]
+    alone = score([refs[1]], [refs[1]], settings)
+    mixed = score(["", refs[1]], refs, settings)
+    assert mixed["per_sample"]["bertscore_f1"][0] == 0.0
+    assert mixed["per_sample"]["bertscore_f1"][1] == pytest.approx(
+        alone["per_sample"]["bertscore_f1"][0], abs=1e-6
+    )
+    assert mixed["per_sample"]["exact_match"] == [0.0, 1.0]

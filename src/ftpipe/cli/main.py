@@ -7,12 +7,14 @@ entry function that takes the resolved ``PipelineConfig``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from docstring_parser import parse as parse_docstring
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from ftpipe.config import PipelineConfig, config_to_yaml, validate_config
 from ftpipe.config.schema import SECTIONS
@@ -25,14 +27,38 @@ log = get_logger(__name__)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("ftpipe.data.prepare:prepare_data", "prepare the data set: load, format, split to JSONL"),
     "train": ("ftpipe.train.run:train", "fine-tune: LoRA or full, FSDP2/FSDP1/DDP, Lightning"),
+    "export": (
+        "ftpipe.export.export:export_model",
+        "checkpoint -> Hugging Face folder (LoRA merged or adapter)",
+    ),
+    "evaluate": (
+        "ftpipe.evaluate.evaluate:evaluate",
+        "generate on the test split and score base vs fine-tuned",
+    ),
+    "run": ("ftpipe.pipeline:run", "prepare, train, export and evaluate in one command"),
 }
 
 
+def _field_help(cls: type) -> dict[str, str]:
+    return {p.arg_name: p.description or "" for p in parse_docstring(cls.__doc__ or "").params}
+
+
 def _stage_parser() -> ArgumentParser:
+    """Every configuration field as a flat flag; booleans also as ``--flag`` / ``--no_flag``."""
     parser = ArgumentParser(default_env=False, exit_on_error=True)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of flat field: value pairs")
     for cls in SECTIONS.values():
-        parser.add_class_arguments(cls, nested_key=None)
+        flags = [f for f in dataclasses.fields(cls) if f.type in (bool, "bool")]
+        parser.add_class_arguments(cls, nested_key=None, skip={f.name for f in flags})
+        helps = _field_help(cls)
+        for f in flags:
+            parser.add_argument(
+                f"--{f.name}",
+                action=ActionYesNo(no_prefix="no_"),
+                nargs="?",
+                default=f.default,
+                help=f"{helps.get(f.name, '')} (--{f.name} [true|false] or --no_{f.name}; default: {f.default})",
+            )
     return parser
 
 

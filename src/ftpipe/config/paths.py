@@ -33,6 +33,7 @@ PREPARE_FIELDS = (
     "split_seed",
     "max_samples",
     "on_bad_row",
+    "text_replacements",
 )
 
 

@@ -107,6 +107,8 @@ class DataConfig:
         max_seq_length: maximum tokens per sample (prompt truncated from the left first).
         pad_to_multiple_of: pad batches to a multiple of this (8 suits tensor cores).
         num_workers: data loader worker processes per rank.
+        text_replacements: ``{placeholder: text}`` replaced in every string value of every raw row
+            before formatting (e.g. ``{"{{name}}": "Nova"}`` fills identity.json's placeholders).
     """
 
     dataset: str = "cognitivecomputations/dolphin"
@@ -134,6 +136,7 @@ class DataConfig:
     max_seq_length: int = 2048
     pad_to_multiple_of: int | None = None
     num_workers: int = 2
+    text_replacements: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -256,6 +259,28 @@ class EvalConfig:
     eval_seed: int = 42
 
 
+@dataclass(kw_only=True)
+class ExportConfig:
+    """Export of a training checkpoint to a Hugging Face folder.
+
+    Args:
+        checkpoint: ``best`` (lowest val_loss, else the last), ``last``, or a checkpoint file or
+            distributed-checkpoint folder; ``best``/``last`` look in the newest run of ``checkpoints_dir``.
+        merge: merge LoRA into the base weights (a plain transformers model); ``false``
+            (``--no_merge``) writes a PEFT adapter folder naming its base model.
+        export_dir: output folder (default ``<results_root>/export/merged`` or ``.../adapter``).
+        max_shard_size: largest safetensors shard (``save_pretrained``'s ``max_shard_size``).
+        export_dtype: dtype of the saved weights: ``auto`` (the base model's config dtype),
+            ``float32``, ``bfloat16`` or ``float16``.
+    """
+
+    checkpoint: str = "best"
+    merge: bool = True
+    export_dir: str | None = None
+    max_shard_size: str = "5GB"
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraConfig,
@@ -263,6 +288,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "dist": DistConfig,
     "eval": EvalConfig,
+    "export": ExportConfig,
 }
 
 
@@ -276,6 +302,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> PipelineConfig:

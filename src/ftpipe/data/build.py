@@ -24,7 +24,7 @@ import datasets
 from ftpipe.config.io import CONFIG_FILENAME, save_config
 from ftpipe.config.schema import DataConfig, PipelineConfig
 from ftpipe.data.errors import BadRow, DataError, bad_row_error
-from ftpipe.data.formats import RowFormat, load_converter, row_format
+from ftpipe.data.formats import RowFormat, load_converter, replace_text, row_format
 from ftpipe.data.sources import ROW_NUMBERS, Part, Source, load_parts
 from ftpipe.utils.logging import get_logger, global_rank
 
@@ -55,7 +55,14 @@ def split_counts(n: int, train_ratio: float, val_ratio: float, test_ratio: float
 
 
 def _format_batch(
-    batch: dict[str, list], indices: list[int], *, fmt: RowFormat, part: Part, offset: int, fail: bool
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    fmt: RowFormat,
+    part: Part,
+    offset: int,
+    fail: bool,
+    replacements: dict[str, str] | None = None,
 ) -> dict[str, list]:
     out: dict[str, list] = {"id": [], "line": [], "reason": [], "detail": []}
     columns = list(batch)
@@ -63,7 +70,8 @@ def _format_batch(
         position = part.positions[index] if part.positions is not None else index
         row_id = offset + position
         try:
-            line = json.dumps({"id": row_id, **fmt({c: batch[c][j] for c in columns})}, ensure_ascii=False)
+            raw = replace_text({c: batch[c][j] for c in columns}, replacements or {})
+            line = json.dumps({"id": row_id, **fmt(raw)}, ensure_ascii=False)
             try:
                 line.encode("utf-8")
             except UnicodeEncodeError as err:
@@ -125,7 +133,9 @@ def format_parts(parts: list[Part], data: DataConfig, work_dir: Path, fail: bool
         for position, reason, detail in part.bad:
             result.dropped[reason] += 1
             result.examples.setdefault(reason, f"{part.name}: {part.label(position)}: {detail}")
-        fn = partial(_format_batch, fmt=fmt, part=part, offset=offset, fail=fail)
+        fn = partial(
+            _format_batch, fmt=fmt, part=part, offset=offset, fail=fail, replacements=data.text_replacements
+        )
         mapped.append(
             part.dataset.map(
                 fn,

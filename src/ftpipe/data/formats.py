@@ -237,6 +237,21 @@ class RowFormat:
         return {"messages": ["messages"], "sharegpt": ["conversations"]}.get(self.kind, [])
 
 
+def replace_text(value: Any, replacements: dict[str, str]) -> Any:
+    """``value`` with every ``replacements`` key replaced in each string inside it (``text_replacements``)."""
+    if not replacements:
+        return value
+    if isinstance(value, str):
+        for old, new in replacements.items():
+            value = value.replace(old, new)
+        return value
+    if isinstance(value, dict):
+        return {k: replace_text(v, replacements) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_text(v, replacements) for v in value]
+    return value
+
+
 def row_format(data: DataConfig, columns: Iterable[str], converter: Converter | None = None) -> RowFormat:
     """The format of a data set with these columns under this configuration."""
     if converter is not None:

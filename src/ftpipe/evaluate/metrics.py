@@ -134,28 +134,42 @@ def resolve_bertscore(settings: MetricSettings) -> tuple[str, int]:
     return model, layers
 
 
+BERTSCORE_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
+
+
 def bertscore(
     predictions: Sequence[str], references: Sequence[str], settings: MetricSettings
 ) -> dict[str, list[float]]:
-    """BERTScore precision / recall / F1 per pair."""
+    """BERTScore precision / recall / F1 per pair.
+
+    An empty prediction scores 0 (what bert-score itself gives it) without going through bert-score:
+    bert-score 0.3.13 calls a tokenizer method that transformers 5 removed when a candidate is empty.
+    """
     import bert_score
     import torch
 
+    scores = {name: [0.0] * len(predictions) for name in BERTSCORE_KEYS}
+    keep = [i for i, text in enumerate(predictions) if text.strip()]
+    if len(keep) < len(predictions):
+        log.warning(
+            "%d of %d answers are empty: their BERTScore is 0", len(predictions) - len(keep), len(predictions)
+        )
+    if not keep:
+        return scores
     model, layers = resolve_bertscore(settings)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision, recall, f1 = bert_score.score(
-        list(predictions),
-        list(references),
+    triple = bert_score.score(
+        [predictions[i] for i in keep],
+        [references[i] for i in keep],
         model_type=model,
         num_layers=layers,
         batch_size=settings.batch_size,
         device=device,
     )
-    return {
-        "bertscore_precision": precision.tolist(),
-        "bertscore_recall": recall.tolist(),
-        "bertscore_f1": f1.tolist(),
-    }
+    for name, values in zip(BERTSCORE_KEYS, triple, strict=True):
+        for i, value in zip(keep, values.tolist(), strict=True):
+            scores[name][i] = value
+    return scores
 
 
 def score(predictions: Sequence[str], references: Sequence[str], settings: MetricSettings) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-_FORMAT = "%(asctime)s %(levelname)s [ftpipe%(rank_tag)s] %(message)s"
+_FORMAT = "%(asctime)s %(levelname)s [%(name)s%(rank_tag)s] %(message)s"
 
 
 def global_rank() -> int:
@@ -29,23 +29,30 @@ def global_rank() -> int:
 
 
 class _RankFilter(logging.Filter):
+    """ftpipe's records at their level, other libraries' from WARNING up; on rank 0 only, except warnings."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         rank = global_rank()
         record.rank_tag = f" rank {rank}" if rank else ""
+        if not record.name.startswith("ftpipe") and record.levelno < logging.WARNING:
+            return False
         return rank == 0 or record.levelno >= logging.WARNING
 
 
 def setup_logging(level: int | str = logging.INFO) -> None:
-    """Install one stream handler on the ``ftpipe`` logger (idempotent)."""
-    logger = logging.getLogger("ftpipe")
-    logger.setLevel(level)
-    if not any(getattr(h, "_ftpipe", False) for h in logger.handlers):
+    """Install one handler on the root logger (idempotent).
+
+    On the root, so that a library that later calls ``logging.basicConfig`` adds nothing and no record
+    is printed twice; the filter keeps other libraries' chatter below WARNING out.
+    """
+    logging.getLogger("ftpipe").setLevel(level)
+    root = logging.getLogger()
+    if not any(getattr(h, "_ftpipe", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler._ftpipe = True  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         handler.addFilter(_RankFilter())
-        logger.addHandler(handler)
-    logger.propagate = True
+        root.addHandler(handler)
 
 
 def get_logger(name: str) -> logging.Logger:

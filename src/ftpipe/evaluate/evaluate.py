@@ -1,0 +1,218 @@
+"""``ftpipe evaluate``: the base model and the fine-tuned model side by side on the test split.
+
+For the (first ``max_eval_samples``) rows of the prepared test split: prompts built exactly as in
+training (``build_prompts``), answers generated with vLLM when installed (else transformers),
+BERTScore / ROUGE-L / exact match against each row's reference answer, and loss / perplexity of the
+reference answers (``encode_example``, as training encodes them). The same for the base model and
+the fine-tuned one (the merged export; exported first when missing). Written to
+``<results_root>/eval/``: ``eval_report.json`` and ``report.md`` with the training curves.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftpipe.config import results_root, validate_config
+from ftpipe.config.schema import PipelineConfig
+from ftpipe.errors import FtpipeError
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+METRICS_FILENAME = "metrics.jsonl"
+HEADLINE = ("bertscore_f1", "rougeL_f1", "exact_match", "loss", "perplexity")
+
+
+class EvaluationError(FtpipeError, RuntimeError):
+    """Evaluation cannot run; the message says what to change."""
+
+
+@dataclass
+class EvalResult:
+    """Where the report is and the headline scores.
+
+    Attributes:
+        report_json: ``eval_report.json``.
+        report_md: ``report.md``.
+        backend: generation backend that ran (``vllm`` or ``transformers``).
+        num_samples: test rows scored.
+        base: aggregate scores of the base model (metric -> value).
+        finetuned: aggregate scores of the fine-tuned model.
+        plots: training-curve PNGs.
+        seconds: how long the evaluation took.
+    """
+
+    report_json: str
+    report_md: str
+    backend: str
+    num_samples: int
+    base: dict[str, float]
+    finetuned: dict[str, float]
+    plots: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def eval_dir(cfg: PipelineConfig) -> Path:
+    return results_root(cfg) / "eval"
+
+
+def finetuned_model_path(cfg: PipelineConfig) -> str:
+    """The merged export (``export_dir`` when it holds a full model, else ``<results_root>/export/merged``);
+    exported from the checkpoint first when it is missing."""
+    from ftpipe.export.export import default_export_dir, export_model
+
+    if cfg.export.export_dir and (Path(cfg.export.export_dir).expanduser() / "config.json").is_file():
+        return str(Path(cfg.export.export_dir).expanduser())
+    merged = results_root(cfg) / "export" / "merged"
+    if (merged / "config.json").is_file():
+        return str(merged)
+    log.info("no merged export at %s: exporting the checkpoint first", merged)
+    return export_model(
+        cfg.replace(merge=True, export_dir=str(default_export_dir(cfg.replace(export_dir=None), "merged")))
+    ).path
+
+
+def _loss(model_path: str, examples: list[tuple[list[int], list[int]]], cfg: PipelineConfig, pad_id: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.evaluate.generate import _transformers_device_and_dtype
+    from ftpipe.evaluate.metrics import loss_and_perplexity
+
+    device, dtype = _transformers_device_and_dtype()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+    ).to(device)
+    try:
+        return loss_and_perplexity(model, examples, cfg.eval.eval_batch_size, pad_token_id=pad_id)
+    finally:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _score_model(name: str, model_path: str, prompts, references, examples, cfg: PipelineConfig, pad_id: int):
+    from ftpipe.evaluate.generate import GenerationSettings, generate
+    from ftpipe.evaluate.metrics import MetricSettings, score
+
+    log.info("evaluating the %s model %s", name, model_path)
+    generated = generate(
+        model_path, prompts, GenerationSettings.from_config(cfg), backend=cfg.eval.eval_backend
+    )
+    scores = score(generated.texts, references, MetricSettings.from_config(cfg))
+    loss = _loss(model_path, examples, cfg, pad_id) if examples else None
+    return generated, scores, loss
+
+
+def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResult:
+    """Score the base and the fine-tuned model on the test split; write the report in ``results_root/eval``."""
+    from ftpipe.data.prepare import prepare_data, read_jsonl
+    from ftpipe.data.tokenize import encode_example, reference_output
+    from ftpipe.evaluate.generate import build_prompts
+    from ftpipe.evaluate.report import write_report
+    from ftpipe.model.embedded import resolve_model_path
+    from ftpipe.model.tokenizer import load_tokenizer
+
+    start = time.monotonic()
+    cfg = validate_config(cfg)
+    prepared = prepare_data(cfg)
+    rows = read_jsonl(prepared.test_file)
+    if cfg.eval.max_eval_samples is not None:
+        rows = rows[: cfg.eval.max_eval_samples]
+    if not rows:
+        raise EvaluationError(
+            f"the test split {prepared.test_file} is empty: set test_ratio above 0 (and max_eval_samples >= 1)"
+        )
+    tokenizer = load_tokenizer(cfg.model)
+    prompts = build_prompts(tokenizer, rows, cfg.data)
+    references = [reference_output(row) for row in rows]
+    encoded = [encode_example(tokenizer, row, cfg.data) for row in rows]
+    examples = [(e.input_ids, e.labels) for e in encoded if e is not None]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    models = {
+        "base": resolve_model_path(cfg.model.hf_model_id, cfg.model.model_cache_dir),
+        "finetuned": finetuned_path or finetuned_model_path(cfg),
+    }
+    results = {
+        name: _score_model(name, path, prompts, references, examples, cfg, pad_id)
+        for name, path in models.items()
+    }
+    backend = results["finetuned"][0].backend
+
+    aggregates: dict[str, dict[str, Any]] = {}
+    for name, (_, scores, loss) in results.items():
+        aggregates[name] = {
+            **scores["mean"],
+            "loss": loss.loss if loss else None,
+            "perplexity": loss.perplexity if loss else None,
+            "loss_tokens": loss.num_tokens if loss else 0,
+        }
+    samples = []
+    for i, row in enumerate(rows):
+        sample = {
+            "index": i,
+            "id": row.get("id"),
+            "prompt_text": tokenizer.decode(prompts[i], skip_special_tokens=False),
+            "prompt_tokens": len(prompts[i]),
+            "reference": references[i],
+        }
+        for name, (gen, scores, _) in results.items():
+            sample[name] = {
+                "prediction": gen.texts[i],
+                "tokens": gen.token_counts[i],
+                **{metric: values[i] for metric, values in scores["per_sample"].items()},
+            }
+        samples.append(sample)
+    first_scores = results["base"][1]
+    report = {
+        "backend": backend,
+        "models": models,
+        "test_file": str(prepared.test_file),
+        "num_samples": len(rows),
+        "num_loss_samples": len(examples),
+        "bertscore_model": first_scores["bertscore_model"],
+        "bertscore_num_layers": first_scores["bertscore_num_layers"],
+        "settings": {
+            "eval_backend": cfg.eval.eval_backend,
+            "temperature": cfg.eval.temperature,
+            "top_p": cfg.eval.top_p,
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "eval_seed": cfg.eval.eval_seed,
+        },
+        "aggregates": aggregates,
+        "generation": {name: gen.as_dict() | {"texts": None} for name, (gen, _, _) in results.items()},
+        "samples": samples,
+        "config": cfg.to_flat(),
+    }
+    report["timings"] = {"total_seconds": time.monotonic() - start}
+    paths = write_report(report, eval_dir(cfg), results_root(cfg) / METRICS_FILENAME)
+    result = EvalResult(
+        report_json=paths["json"],
+        report_md=paths["markdown"],
+        backend=backend,
+        num_samples=len(rows),
+        base={k: aggregates["base"][k] for k in HEADLINE if aggregates["base"].get(k) is not None},
+        finetuned={
+            k: aggregates["finetuned"][k] for k in HEADLINE if aggregates["finetuned"].get(k) is not None
+        },
+        plots=paths["plots"],
+        seconds=time.monotonic() - start,
+    )
+    log.info(
+        "evaluation (%s, %d samples) in %.0fs: %s; report: %s",
+        backend,
+        result.num_samples,
+        result.seconds,
+        ", ".join(
+            f"{k} {result.base.get(k, float('nan')):.4f} -> {v:.4f}" for k, v in result.finetuned.items()
+        ),
+        result.report_md,
+    )
+    return result

@@ -1,0 +1,135 @@
+"""Reading the model weights of a training checkpoint with ``torch.load(weights_only=True)``.
+
+A checkpoint is a Lightning ``.ckpt`` file (single device, DDP) or a distributed-checkpoint folder
+(FSDP2 through ``ModelParallelStrategy(save_distributed_checkpoint=True)``, FSDP1 with sharded state
+dicts: ``*.distcp`` shards, ``.metadata``, and Lightning's ``meta.pt``). Only the model tensors of a
+folder are read (not the optimizer state), straight from the shards without a process group.
+
+Keys are normalised to the names of the Hugging Face model (what ``save_pretrained`` and PEFT's
+adapter files use): the distributed checkpoint's top key (``state_dict.`` / ``model.``), the
+LightningModule's ``model.`` and PEFT's ``base_model.model.`` prefixes and the adapter name
+(``lora_A.default.weight`` -> ``lora_A.weight``) are stripped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftpipe.errors import FtpipeError
+
+#: Lightning's metadata file inside a distributed checkpoint folder.
+DCP_METADATA_FILE = "meta.pt"
+#: Key of ftpipe's own metadata in a checkpoint (``ftpipe.train.module.CHECKPOINT_META_KEY``).
+META_KEY = "ftpipe"
+LIGHTNING_PREFIX = "model."
+PEFT_PREFIX = "base_model.model."
+_DCP_TOP_KEYS = ("state_dict.", "model.")
+_ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.default(?=\.|$)")
+
+
+class CheckpointError(FtpipeError, ValueError):
+    """A checkpoint cannot be read or holds no model weights; the message names the path."""
+
+
+@dataclass
+class CheckpointWeights:
+    """Model weights of a checkpoint under Hugging Face names, and what the checkpoint says about itself.
+
+    Attributes:
+        path: the checkpoint file or folder.
+        weights: HF name -> tensor (CPU).
+        meta: ftpipe's metadata (``config``, ``finetuning``, ...); empty for foreign checkpoints.
+        global_step: optimizer steps at the checkpoint (None when unknown).
+    """
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    global_step: int | None = None
+
+    @property
+    def is_lora(self) -> bool:
+        """LoRA when any key is a LoRA matrix (detected from the checkpoint itself, not the config)."""
+        return any(is_lora_key(k) for k in self.weights)
+
+
+def is_lora_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_A", ".lora_B"))
+
+
+def hf_name(key: str) -> str:
+    """A LightningModule / PEFT state-dict key -> the Hugging Face / PEFT adapter-file name."""
+    key = key.removeprefix(LIGHTNING_PREFIX).removeprefix(PEFT_PREFIX)
+    return _ADAPTER_NAME.sub(r".\1", key)
+
+
+def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int | None]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {path}: cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
+            f"{err}); only checkpoints of plain tensors and Python values are accepted"
+        ) from err
+    weights = ckpt.get("state_dict")
+    if weights is None:
+        weights = ckpt.get("model")
+    if not isinstance(weights, dict) or not weights:
+        raise CheckpointError(f"checkpoint {path}: no model weights (neither 'state_dict' nor 'model')")
+    return dict(weights), dict(ckpt.get(META_KEY) or {}), ckpt.get("global_step")
+
+
+def _load_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int | None]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    metadata = reader.read_metadata()
+    tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    top = next((p for p in _DCP_TOP_KEYS if any(k.startswith(p) for k in tensors)), None)
+    if top is None:
+        raise CheckpointError(
+            f"checkpoint {path}: the distributed checkpoint holds no model tensors (no key under "
+            f"{' or '.join(repr(p) for p in _DCP_TOP_KEYS)}); keys: {sorted(tensors)[:5]} ..."
+        )
+    state = {
+        k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in tensors.items() if k.startswith(top)
+    }
+    # Reads only these tensors from the shards (DCP's reader uses torch.load(weights_only=True)).
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    weights = {k.removeprefix(top): v for k, v in state.items()}
+    meta, step = {}, None
+    if (path / DCP_METADATA_FILE).is_file():
+        extra = torch.load(path / DCP_METADATA_FILE, map_location="cpu", weights_only=True)
+        meta, step = dict(extra.get(META_KEY) or {}), extra.get("global_step")
+    return weights, meta, step
+
+
+def read_checkpoint(path: str | os.PathLike) -> CheckpointWeights:
+    """The model weights (HF names) and ftpipe metadata of a checkpoint file or distributed folder."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        raw, meta, step = _load_file(path)
+    elif path.is_dir() and (path / ".metadata").is_file():
+        raw, meta, step = _load_folder(path)
+    else:
+        raise CheckpointError(
+            f"checkpoint: {path} is neither a checkpoint file nor a distributed-checkpoint folder "
+            "(with .metadata); set checkpoint to best, last, or an existing checkpoint path"
+        )
+    weights: dict[str, torch.Tensor] = {}
+    for key, tensor in raw.items():
+        name = hf_name(key)
+        if name in weights:
+            raise CheckpointError(f"checkpoint {path}: keys {key!r} and another both map to {name!r}")
+        weights[name] = tensor
+    return CheckpointWeights(path=path, weights=weights, meta=meta, global_step=step)

@@ -1,0 +1,343 @@
+"""``ftpipe export``: a training checkpoint -> a standard Hugging Face folder.
+
+* LoRA, merged (the default): the base model is loaded once, the adapters are added to it with
+  PEFT, copied in from the checkpoint and merged in place (``merge_and_unload``); the result is a
+  plain transformers model (config.json, model*.safetensors, generation_config.json, tokenizer and
+  chat template).
+* LoRA, ``merge: false``: a PEFT adapter folder (adapter_config.json, adapter_model.safetensors,
+  tokenizer). ``base_model_name_or_path`` names the base model by its hub id (for ``embedded``:
+  HuggingFaceTB/SmolLM2-135M-Instruct); ``ftpipe_export.json`` also records the local folder the
+  base was loaded from, so it loads offline with
+  ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base_model_local_path>), folder)``.
+* Full fine-tuning: the weights are assigned into a model built on the meta device (no second copy).
+
+LoRA versus full fine-tuning is detected from the checkpoint's keys. Checkpoints are read with
+``torch.load(weights_only=True)``; only safetensors are written; the resolved configuration is saved
+beside the export as config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftpipe.config import checkpoints_dir, results_root, save_config
+from ftpipe.config.paths import EMBEDDED_MODEL_ID
+from ftpipe.config.schema import EMBEDDED_MODEL, PipelineConfig
+from ftpipe.errors import FtpipeError
+from ftpipe.export.checkpoint import CheckpointWeights, is_lora_key, read_checkpoint
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+EXPORT_INFO_FILE = "ftpipe_export.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+_VAL_LOSS = re.compile(r"val_loss=([0-9.eE+-]+?)(?:\.ckpt)?$")
+
+
+class ExportError(FtpipeError, RuntimeError):
+    """The export cannot run; the message names the setting or file to change."""
+
+
+@dataclass
+class ExportResult:
+    """Where the export is and what it holds.
+
+    Attributes:
+        path: the exported folder.
+        kind: ``merged`` (LoRA merged into the base), ``adapter`` (PEFT adapter) or ``full``.
+        checkpoint: the checkpoint it came from.
+        base_model: the base model (hub id, or what ``hf_model_id`` names).
+        base_model_path: the folder or id the base weights were loaded from.
+        dtype: dtype of the saved weights.
+        size_bytes: total size of the folder's files.
+        seconds: how long the export took.
+    """
+
+    path: str
+    kind: str
+    checkpoint: str
+    base_model: str
+    base_model_path: str
+    dtype: str
+    size_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# which checkpoint, where to
+
+
+def _version_number(folder: Path) -> int:
+    tail = folder.name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def newest_run_dir(cfg: PipelineConfig) -> Path:
+    """The newest ``version_<N>`` folder of ``checkpoints_dir(cfg)``."""
+    root = checkpoints_dir(cfg)
+    runs = sorted((p for p in root.glob("version_*") if p.is_dir()), key=_version_number)
+    if not runs:
+        raise ExportError(
+            f"checkpoint: no training run under {root} (results_dir {cfg.train.results_dir!r}, "
+            f"hf_model_id {cfg.model.hf_model_id!r}); train first (`ftpipe train`) or give a checkpoint path"
+        )
+    return runs[-1]
+
+
+def resolve_checkpoint(cfg: PipelineConfig) -> Path:
+    """``checkpoint``: ``best`` (lowest val_loss in the newest run, else its last), ``last`` or a path."""
+    choice = cfg.export.checkpoint
+    if choice not in ("best", "last"):
+        path = Path(choice).expanduser()
+        if not path.exists():
+            raise ExportError(
+                f"checkpoint: {path} does not exist; give a checkpoint file/folder, best or last"
+            )
+        return path
+    run = newest_run_dir(cfg)
+    last = run / "last.ckpt"
+    if choice == "best":
+        scored = []
+        for candidate in run.glob("*val_loss=*"):
+            match = _VAL_LOSS.search(candidate.name)
+            if match:
+                scored.append((float(match.group(1)), candidate))
+        if scored:
+            return min(scored)[1]
+        log.info("no checkpoint with a val_loss in %s (no validation ran): using the last one", run)
+    if not last.exists():
+        raise ExportError(f"checkpoint: {run} has no last.ckpt; give a checkpoint path")
+    return last
+
+
+def default_export_dir(cfg: PipelineConfig, kind: str) -> Path:
+    """``export_dir``, else ``<results_root>/export/merged`` (a standalone model) or ``.../adapter``."""
+    if cfg.export.export_dir:
+        return Path(cfg.export.export_dir).expanduser()
+    return results_root(cfg) / "export" / ("adapter" if kind == "adapter" else "merged")
+
+
+def base_model_name(cfg: PipelineConfig) -> str:
+    """The base model's name for other tools: the hub id of the embedded model, else ``hf_model_id``."""
+    return EMBEDDED_MODEL_ID if cfg.model.hf_model_id == EMBEDDED_MODEL else cfg.model.hf_model_id
+
+
+def _export_dtype(cfg: PipelineConfig, model_config) -> torch.dtype:
+    if cfg.export.export_dtype != "auto":
+        return _DTYPES[cfg.export.export_dtype]
+    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _training_config(cfg: PipelineConfig, ckpt: CheckpointWeights) -> PipelineConfig:
+    """``cfg`` with the LoRA settings the checkpoint was trained with (the checkpoint describes itself)."""
+    trained = ckpt.meta.get("config") or {}
+    overrides = {k: trained[k] for k in _LORA_FIELDS if k in trained}
+    if trained.get("hf_model_id") not in (None, cfg.model.hf_model_id):
+        log.warning(
+            "checkpoint %s was trained on hf_model_id %r but the configuration names %r: exporting onto %r",
+            ckpt.path,
+            trained["hf_model_id"],
+            cfg.model.hf_model_id,
+            cfg.model.hf_model_id,
+        )
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# building the model
+
+
+def _base_path(cfg: PipelineConfig) -> str:
+    from ftpipe.model.embedded import resolve_model_path
+
+    return resolve_model_path(cfg.model.hf_model_id, cfg.model.model_cache_dir)
+
+
+def _load_base(cfg: PipelineConfig, path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    start = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, attn_implementation="sdpa"
+    )
+    log.info("loaded the base model %s (%s) in %.1fs", path, dtype, time.monotonic() - start)
+    return model
+
+
+def apply_adapter_weights(peft_model, weights: dict[str, torch.Tensor], source: str) -> int:
+    """Copy the LoRA tensors (HF / adapter-file names) into ``peft_model`` in place; returns how many.
+
+    Every adapter parameter of the model must be in ``weights`` and every LoRA tensor of ``weights``
+    must fit one, else ExportError (a mismatch of rank or target modules would give a wrong model).
+    """
+    from ftpipe.export.checkpoint import hf_name
+
+    params = {hf_name(n): p for n, p in peft_model.named_parameters() if is_lora_key(n)}
+    lora = {k: v for k, v in weights.items() if is_lora_key(k)}
+    missing, unexpected = sorted(set(params) - set(lora)), sorted(set(lora) - set(params))
+    if missing or unexpected:
+        raise ExportError(
+            f"{source}: the LoRA weights do not fit the model built from lora_rank/lora_target_modules: "
+            f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}; export with the training "
+            "run's configuration"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            tensor = lora[name]
+            if tensor.shape != param.shape:
+                raise ExportError(
+                    f"{source}: {name} has shape {tuple(tensor.shape)} but the model's is {tuple(param.shape)} "
+                    "(another lora_rank?)"
+                )
+            param.copy_(tensor.to(param.dtype))
+    return len(params)
+
+
+def _build_lora(cfg: PipelineConfig, ckpt: CheckpointWeights, base_path: str, dtype: torch.dtype):
+    from peft import get_peft_model
+
+    from ftpipe.model.lora import lora_config
+
+    others = [k for k in ckpt.weights if not is_lora_key(k)]
+    if others:
+        log.warning(
+            "checkpoint %s: %d non-LoRA tensors (e.g. %s) are ignored", ckpt.path, len(others), others[0]
+        )
+    model = _load_base(cfg, base_path, dtype)
+    peft_model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=False)
+    count = apply_adapter_weights(peft_model, ckpt.weights, str(ckpt.path))
+    log.info("applied %d LoRA tensors from %s", count, ckpt.path)
+    return peft_model.eval()
+
+
+def _build_full(cfg: PipelineConfig, ckpt: CheckpointWeights, base_path: str, dtype: torch.dtype):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, attn_implementation="sdpa"
+        )
+    state = {k: v.to(dtype) for k, v in ckpt.weights.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta or result.unexpected_keys:
+        raise ExportError(
+            f"checkpoint {ckpt.path}: the weights do not match {type(model).__name__}: missing "
+            f"{still_meta[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(base_path)
+    except OSError:
+        log.info("the base model has no generation_config.json: the export gets the default one")
+    return model.eval()
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _fresh(folder: Path) -> None:
+    """An empty output folder; only a previous export (with its ftpipe_export.json) is replaced."""
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / EXPORT_INFO_FILE).is_file():
+            raise ExportError(
+                f"export_dir: {folder} exists and is not an ftpipe export; choose an empty or new folder"
+            )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _save_tokenizer(cfg: PipelineConfig, folder: Path) -> None:
+    from ftpipe.model.tokenizer import load_tokenizer
+
+    load_tokenizer(cfg.model).save_pretrained(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# entry
+
+
+def export_model(cfg: PipelineConfig) -> ExportResult:
+    """Export ``cfg``'s checkpoint (``checkpoint``: best / last / a path) to a Hugging Face folder."""
+    from transformers import AutoConfig
+
+    start = time.monotonic()
+    ckpt_path = resolve_checkpoint(cfg)
+    log.info("exporting checkpoint %s", ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = _training_config(cfg, ckpt)
+    lora = ckpt.is_lora
+    if lora != (cfg.model.finetuning == "lora"):
+        log.warning(
+            "finetuning is %r but the checkpoint holds %s weights: exporting it as %s",
+            cfg.model.finetuning,
+            "LoRA" if lora else "full",
+            "LoRA" if lora else "a full fine-tune",
+        )
+    kind = ("merged" if cfg.export.merge else "adapter") if lora else "full"
+    if not lora and not cfg.export.merge:
+        log.info("merge: false has no meaning for a full fine-tune: writing the whole model")
+    base_path = _base_path(cfg)
+    dtype = _export_dtype(
+        cfg, AutoConfig.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    )
+    out = default_export_dir(cfg, kind)
+    _fresh(out)
+
+    if kind == "full":
+        model = _build_full(cfg, ckpt, base_path, dtype)
+    else:
+        model = _build_lora(cfg, ckpt, base_path, dtype)
+    del ckpt  # the weights now live in the model
+    if kind == "adapter":
+        model.peft_config["default"].base_model_name_or_path = base_model_name(cfg)
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        if kind == "merged":
+            model = model.merge_and_unload()  # in place: the base layers absorb the adapters
+        model.config.use_cache = True
+        model.save_pretrained(out, safe_serialization=True, max_shard_size=cfg.export.max_shard_size)
+    _save_tokenizer(cfg, out)
+    save_config(cfg, out)
+    result = ExportResult(
+        path=str(out),
+        kind=kind,
+        checkpoint=str(ckpt_path),
+        base_model=base_model_name(cfg),
+        base_model_path=str(Path(base_path).resolve()) if Path(base_path).exists() else base_path,
+        dtype=str(dtype).removeprefix("torch."),
+        size_bytes=0,
+        seconds=0.0,
+    )
+    info = {**result.to_dict(), "base_model_local_path": result.base_model_path}
+    (out / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    result.size_bytes = _folder_size(out)
+    result.seconds = time.monotonic() - start
+    log.info(
+        "exported %s model to %s (%.1f MB, %s) in %.1fs",
+        kind,
+        out,
+        result.size_bytes / 1e6,
+        result.dtype,
+        result.seconds,
+    )
+    return result

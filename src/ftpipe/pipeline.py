@@ -1,0 +1,171 @@
+"""``ftpipe run``: prepare, train, export and evaluate in one command and one configuration.
+
+Launch. ``ftpipe train``'s processes are started by Lightning: for local ranks > 0 its subprocess
+launcher re-runs this very command line (``ftpipe run ...``) when ``trainer.fit`` starts, and under
+``torchrun`` / SLURM every rank runs it. So every rank prepares (rank 0 does the work, the others
+reuse it) and trains; after training, ranks other than 0 return, and rank 0 leaves the process group
+and exports and evaluates alone, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ftpipe.config import validate_config
+from ftpipe.config.schema import PipelineConfig
+from ftpipe.utils.logging import get_logger, global_rank
+
+log = get_logger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What ``ftpipe run`` produced (rank 0).
+
+    Attributes:
+        data_dir: the prepared data folder.
+        checkpoint: the exported checkpoint.
+        checkpoint_dir: the run's checkpoint folder.
+        model_dir: the exported model.
+        report_md: the Markdown report.
+        report_json: eval_report.json.
+        backend: the generation backend of the evaluation.
+        base: headline scores of the base model.
+        finetuned: headline scores of the fine-tuned model.
+        seconds: wall time of each stage and in all.
+    """
+
+    data_dir: str
+    checkpoint: str
+    checkpoint_dir: str | None
+    model_dir: str
+    report_md: str
+    report_json: str
+    backend: str
+    base: dict[str, float]
+    finetuned: dict[str, float]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: Launcher variables of the training processes; a process started later (the vLLM worker) must not
+#: take them for a distributed job of its own.
+_LAUNCH_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+@contextlib.contextmanager
+def _single_process_env() -> Iterator[None]:
+    """Without the launcher's distributed variables (restored afterwards)."""
+    saved = {k: os.environ.pop(k) for k in _LAUNCH_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _leave_process_group() -> None:
+    """After training: rank 0 works alone, so the process group (and its threads limit) goes."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def run(cfg: PipelineConfig) -> RunResult | None:
+    """The whole pipeline on ``cfg``; returns the result on rank 0 and None on the other ranks."""
+    from ftpipe.data.prepare import prepare_data
+    from ftpipe.train.run import train
+
+    cfg = validate_config(cfg)
+    seconds: dict[str, float] = {}
+    start = time.monotonic()
+    prepared = prepare_data(cfg)
+    seconds["prepare"] = time.monotonic() - start
+
+    mark = time.monotonic()
+    trained = train(cfg)
+    seconds["train"] = time.monotonic() - mark
+    if global_rank() != 0:
+        log.info("training done on this rank; rank 0 exports and evaluates")
+        return None
+    _leave_process_group()
+
+    with _single_process_env():
+        return _export_and_evaluate(cfg, prepared, trained, seconds, start)
+
+
+def _export_and_evaluate(
+    cfg: PipelineConfig, prepared, trained, seconds: dict[str, float], start: float
+) -> RunResult:
+    """Rank 0 after training: export the checkpoint, evaluate, log where everything is."""
+    from ftpipe.evaluate.evaluate import evaluate
+    from ftpipe.export.export import export_model
+
+    mark = time.monotonic()
+    checkpoint = cfg.export.checkpoint
+    if checkpoint == "best":
+        checkpoint = trained.best_checkpoint or trained.last_checkpoint or checkpoint
+    elif checkpoint == "last":
+        checkpoint = trained.last_checkpoint or checkpoint
+    cfg = cfg.replace(checkpoint=checkpoint)
+    exported = export_model(cfg)
+    seconds["export"] = time.monotonic() - mark
+
+    mark = time.monotonic()
+    evaluated = evaluate(cfg, finetuned_path=None if exported.kind == "adapter" else exported.path)
+    seconds["evaluate"] = time.monotonic() - mark
+    seconds["total"] = time.monotonic() - start
+
+    result = RunResult(
+        data_dir=str(prepared.folder),
+        checkpoint=exported.checkpoint,
+        checkpoint_dir=trained.checkpoint_dir,
+        model_dir=exported.path,
+        report_md=evaluated.report_md,
+        report_json=evaluated.report_json,
+        backend=evaluated.backend,
+        base=evaluated.base,
+        finetuned=evaluated.finetuned,
+        seconds=seconds,
+    )
+    scores = "\n".join(
+        f"  {name:<13} base {result.base.get(name, float('nan')):.4f}  fine-tuned {value:.4f}"
+        for name, value in result.finetuned.items()
+    )
+    log.info(
+        "ftpipe run done in %.0fs (prepare %.0fs, train %.0fs, export %.0fs, evaluate %.0fs)\n"
+        "  data:        %s\n  checkpoints: %s\n  model:       %s (%s)\n  report:      %s\n"
+        "  scores (%s, %d test samples):\n%s",
+        seconds["total"],
+        seconds["prepare"],
+        seconds["train"],
+        seconds["export"],
+        seconds["evaluate"],
+        result.data_dir,
+        result.checkpoint_dir,
+        result.model_dir,
+        exported.kind,
+        result.report_md,
+        result.backend,
+        evaluated.num_samples,
+        scores,
+    )
+    return result

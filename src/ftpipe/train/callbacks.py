@@ -1,0 +1,343 @@
+"""Callbacks of the training loop: per-step throughput, MFU and memory, ``metrics.jsonl``, the best/last
+checkpoint, the run's checkpoint folder and a per-rank parameter-shard report.
+
+FLOPs of one optimizer step (documented estimate, "model FLOPs", no attention term and no
+activation-checkpointing recompute): ``(4 * N_total + 2 * N_trainable) * T`` with ``T`` the real
+(non-padding) tokens of the step over all ranks. The forward costs ``2 * N_total`` per token, the
+backward to the activations another ``2 * N_total`` (it runs through the frozen weights too), and
+the weight gradients ``2 * N_trainable``; for full fine-tuning this is the usual ``6 * N * T``, for
+LoRA about ``4 * N * T``. MFU = FLOPs / (step time x sum over ranks of the per-device peak). The peak
+is ``peak_tflops_per_device`` when configured, else on CUDA a table of dense bf16 peaks (A100, H100,
+H200, B200), else on the CPU the rate of a 2048 x 2048 fp32 matmul measured once per rank at start.
+Peak memory per rank: ``torch.cuda.max_memory_allocated`` on GPUs, the process's maximum resident
+set size (``getrusage``) on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+GIB = 1024**3
+#: Dense bf16 peak TFLOP/s per device, matched against ``torch.cuda.get_device_name()`` (first hit).
+CUDA_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("B200", 2250.0),
+)
+#: Totals of a run (``StepMetrics.summary``), written by rank 0 beside ``metrics.jsonl``.
+SUMMARY_FILENAME = "train_summary.json"
+#: Environment variable naming a folder where each rank writes ``shards_rank<R>.json`` (diagnostics).
+SHARD_REPORT_ENV = "FTPIPE_SHARD_REPORT"
+
+
+def measure_cpu_matmul_tflops(n: int = 2048, reps: int = 4) -> float:
+    """TFLOP/s of an ``n x n`` fp32 matmul on this process's threads (one warm-up, then ``reps``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(a, b)
+    elapsed = time.perf_counter() - start
+    return 2.0 * n**3 * reps / elapsed / 1e12
+
+
+def cuda_peak_tflops(device_name: str, precision: str) -> float | None:
+    """Dense bf16/fp16 peak of a known GPU; None for other GPUs and for fp32 training."""
+    if not any(k in precision for k in ("bf16", "16-")):
+        return None
+    for key, value in CUDA_BF16_PEAK_TFLOPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank: allocated GPU memory on CUDA, the process's max RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def step_flops(total_params: int, trainable_params: int, tokens: int) -> float:
+    """Model FLOPs of a step: ``(4 * N_total + 2 * N_trainable) * tokens`` (see the module doc)."""
+    return float(4 * total_params + 2 * trainable_params) * tokens
+
+
+def _reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+class StepMetrics(Callback):
+    """Per optimizer step: tokens/s, MFU and peak memory to the logger and ``metrics.jsonl`` (rank 0).
+
+    ``metrics.jsonl`` gets one line per optimizer step (step, loss, lr, grad_norm, tokens,
+    label_tokens, padded_tokens, tokens_per_s, mfu, peak_mem_gib, step_time_s) and one per validation
+    (step, val_loss). The step time is the time spent in the step's training batches (validation
+    and checkpointing excluded). ``summary`` holds the totals at the end (also written to
+    ``train_summary.json`` beside ``metrics.jsonl``); its rates leave out the first (warm-up) step.
+
+    Args:
+        metrics_path: the ``metrics.jsonl`` to (re)write; None writes no file.
+        peak_tflops_per_device: configured peak; None measures or looks it up (see module doc).
+        precision: Lightning precision (selects the GPU peak table).
+    """
+
+    def __init__(self, metrics_path: Path | None, peak_tflops_per_device: float | None, precision: str):
+        super().__init__()
+        self.metrics_path = Path(metrics_path) if metrics_path is not None else None
+        self.configured_peak = peak_tflops_per_device
+        self.precision = precision
+        self.peak_tflops_total: float | None = None
+        self.summary: dict[str, Any] = {}
+        self._busy = 0.0
+        self._t0: float | None = None
+        self._steps: list[dict[str, Any]] = []
+        self._recorded_step = 0
+
+    # -------------------------------------------------------------- set-up
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        device = trainer.strategy.root_device
+        if self.configured_peak is not None:
+            peak, source = self.configured_peak, "configured peak_tflops_per_device"
+        elif device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak, source = cuda_peak_tflops(name, self.precision), f"table ({name})"
+        else:
+            peak, source = measure_cpu_matmul_tflops(), "measured 2048x2048 fp32 matmul"
+        if peak is None:
+            log.info("MFU: no peak known for this device and precision; set peak_tflops_per_device")
+        else:
+            total = _reduce(torch.tensor([peak], dtype=torch.float64, device=device), dist.ReduceOp.SUM)
+            self.peak_tflops_total = float(total)
+            log.info(
+                "MFU peak: %.3f TFLOP/s per device (%s), %.3f in total over %d rank(s)",
+                peak,
+                source,
+                self.peak_tflops_total,
+                trainer.world_size,
+            )
+        if trainer.is_global_zero and self.metrics_path is not None:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            self.metrics_path.write_text("", encoding="utf-8")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def _write(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+        if trainer.is_global_zero and self.metrics_path is not None:
+            with self.metrics_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # -------------------------------------------------------------- per step
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._t0 is not None:
+            self._busy += time.perf_counter() - self._t0
+            self._t0 = None
+        stats = getattr(pl_module, "last_step", None)
+        if stats is None or stats.step != trainer.global_step or stats.step == self._recorded_step:
+            return  # still accumulating
+        self._recorded_step = stats.step
+        step_time, self._busy = self._busy, 0.0
+        device = trainer.strategy.root_device
+        mem = _reduce(
+            torch.tensor([peak_memory_bytes(device)], dtype=torch.float64, device=device), dist.ReduceOp.MAX
+        )
+        flops = step_flops(pl_module.total_params, pl_module.trainable_params, stats.tokens)
+        record: dict[str, Any] = {
+            "step": stats.step,
+            "loss": stats.loss,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "tokens": stats.tokens,
+            "label_tokens": stats.label_tokens,
+            "padded_tokens": stats.padded_tokens,
+            "tokens_per_s": stats.tokens / step_time if step_time > 0 else None,
+            "mfu": (
+                flops / step_time / (self.peak_tflops_total * 1e12)
+                if self.peak_tflops_total and step_time > 0
+                else None
+            ),
+            "peak_mem_gib": float(mem) / GIB,
+            "step_time_s": step_time,
+        }
+        self._steps.append(record)
+        self._write(trainer, record)
+        logged = {
+            k: float(record[k]) for k in ("tokens_per_s", "mfu", "peak_mem_gib") if record[k] is not None
+        }
+        pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        val_loss = getattr(pl_module, "last_val_loss", None)
+        if trainer.sanity_checking or val_loss is None:
+            return
+        self._write(trainer, {"step": trainer.global_step, "val_loss": val_loss})
+
+    # -------------------------------------------------------------- end
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        device = trainer.strategy.root_device
+        per_rank = trainer.strategy.all_gather(torch.tensor(float(peak_memory_bytes(device)), device=device))
+        per_rank_gib = [float(x) / GIB for x in per_rank.reshape(-1).cpu()]
+        steps = self._steps[1:] if len(self._steps) > 1 else self._steps  # the first step warms up
+        time_s = sum(s["step_time_s"] for s in steps)
+        tokens = sum(s["tokens"] for s in steps)
+        padded = sum(s["padded_tokens"] for s in self._steps)
+        flops = sum(
+            step_flops(pl_module.total_params, pl_module.trainable_params, s["tokens"]) for s in steps
+        )
+        self.summary = {
+            "steps": len(self._steps),
+            "world_size": trainer.world_size,
+            "tokens_per_s": tokens / time_s if time_s else None,
+            "mean_step_time_s": time_s / len(steps) if steps else None,
+            "padding_share": 1.0 - sum(s["tokens"] for s in self._steps) / padded if padded else None,
+            "mfu": flops / time_s / (self.peak_tflops_total * 1e12)
+            if self.peak_tflops_total and time_s
+            else None,
+            "peak_tflops_total": self.peak_tflops_total,
+            "peak_mem_gib_per_rank": per_rank_gib,
+            "total_params": pl_module.total_params,
+            "trainable_params": pl_module.trainable_params,
+        }
+        if trainer.is_global_zero and self.metrics_path is not None:
+            path = self.metrics_path.with_name(SUMMARY_FILENAME)
+            path.write_text(json.dumps(self.summary, indent=1) + "\n", encoding="utf-8")
+        mfu = self.summary["mfu"]
+        log.info(
+            "throughput (steps 2+): %s real tokens/s over %d rank(s), padding %.1f%%, MFU %s, peak memory per rank %s GiB",
+            f"{self.summary['tokens_per_s']:.1f}" if self.summary["tokens_per_s"] else "n/a",
+            trainer.world_size,
+            100 * (self.summary["padding_share"] or 0.0),
+            f"{100 * mfu:.2f}%" if mfu is not None else "n/a",
+            ", ".join(f"{g:.2f}" for g in per_rank_gib),
+        )
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also saves ``last`` at the final optimizer step (not only at the last
+    validation that improved)."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ``_last_global_step_saved`` / ``_save_last_checkpoint`` are ModelCheckpoint internals (lightning 2.6).
+        if self.save_last and trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+
+class RunFolders(Callback):
+    """Puts this run's checkpoints in ``<checkpoints_dir>/version_<N>``, N being the TensorBoard version
+    (decided on rank 0 and broadcast, so every rank and node agrees)."""
+
+    def __init__(self, checkpoints_root: Path, checkpoint: ModelCheckpoint):
+        super().__init__()
+        self.checkpoints_root = Path(checkpoints_root)
+        self.checkpoint = checkpoint
+        self.version: str | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        version = trainer.logger.version if trainer.logger is not None else 0
+        name = version if isinstance(version, str) else f"version_{version}"
+        self.version = trainer.strategy.broadcast(name)
+        self.checkpoint.dirpath = str(self.checkpoints_root / self.version)
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+
+def _local_abs_sum(p: torch.Tensor) -> float:
+    local = p.to_local() if hasattr(p, "to_local") else p
+    return float(local.detach().double().abs().sum())
+
+
+class ShardReport(Callback):
+    """Diagnostics: each rank writes ``shards_rank<R>.json`` into ``folder`` at train start and end: the
+    local (shard) and global element counts of its trainable and frozen parameters and the sum of
+    absolute values of its local shards (a fingerprint that shows which weights changed).
+
+    Enabled by the ``FTPIPE_SHARD_REPORT`` environment variable (see :func:`shard_report_from_env`).
+    """
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = Path(folder)
+        self.report: dict[str, Any] = {}
+
+    def _snapshot(self, trainer: pl.Trainer) -> dict[str, Any]:
+        snap = {
+            "trainable_local": 0,
+            "frozen_local": 0,
+            "trainable_global": 0,
+            "frozen_global": 0,
+            "trainable_abs_sum": 0.0,
+            "frozen_abs_sum": 0.0,
+        }
+        for p in trainer.strategy.model.parameters():
+            kind = "trainable" if p.requires_grad else "frozen"
+            snap[f"{kind}_local"] += _local_numel(p)
+            snap[f"{kind}_global"] += p.numel()
+            snap[f"{kind}_abs_sum"] += _local_abs_sum(p)
+        return snap
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.report = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "cluster_environment": type(trainer.strategy.cluster_environment).__name__
+            if getattr(trainer.strategy, "cluster_environment", None) is not None
+            else None,
+            "total_params": getattr(pl_module, "total_params", None),
+            "trainable_params": getattr(pl_module, "trainable_params", None),
+            "start": self._snapshot(trainer),
+        }
+        self._dump(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.report["end"] = self._snapshot(trainer)
+        self.report["global_step"] = trainer.global_step
+        self._dump(trainer)
+
+    def _dump(self, trainer: pl.Trainer) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"shards_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.report, indent=1), encoding="utf-8")
+
+
+def shard_report_from_env() -> ShardReport | None:
+    """A ShardReport writing into ``$FTPIPE_SHARD_REPORT`` when that variable is set."""
+    folder = os.environ.get(SHARD_REPORT_ENV)
+    return ShardReport(Path(folder)) if folder else None

@@ -1,0 +1,347 @@
+"""The LightningModule of supervised fine-tuning: token-mean loss per optimizer step, AdamW, clipping.
+
+Loss normalisation. The loss of an optimizer step is the mean over *all* label tokens of the step,
+across its micro-batches and all ranks, so ``micro 4 x accumulation 1``, ``micro 1 x accumulation
+4`` and ``2 ranks x micro 2`` give the same loss and the same gradients. Each micro-batch returns
+the SUM of its token losses (the model's own loss with ``num_items_in_batch=1``, i.e. reduction
+"sum"). Lightning divides the returned loss by ``accumulate_grad_batches`` (A) and DDP/FSDP average
+the gradients over the W data-parallel ranks, so after the last backward of a step the gradient is
+``d(sum over ranks and micro-batches)/ (A * W)``. ``on_before_optimizer_step`` (which Lightning
+calls after the closure and before ``configure_gradient_clipping``) all-reduces the step's label-token
+count N and multiplies the gradients by ``A * W / N``: the gradient becomes ``d(sum)/N``, the
+gradient of the token-mean loss. The logged ``train_loss`` is ``all-reduced sum / N``. A shorter
+accumulation window at the end of an epoch is handled too (N counts what was seen, A is what
+Lightning divided by).
+
+Checkpoints of LoRA runs hold only the trainable weights (and their optimizer state), not the frozen
+base model. The module's ``state_dict`` leaves out frozen parameters when called as the root module:
+single device and DDP save ``lightning_module.state_dict()``, and FSDP2's ``get_model_state_dict``
+calls it for saving *and* for the keys it asks a distributed checkpoint for when loading. Under FSDP1
+the module is wrapped and FSDP's own state-dict hooks need every key, so a hook registered on the FSDP
+root after FSDP's (it runs last) drops the frozen keys from the sharded state dict, again for saving
+and loading alike. ``strict_loading`` is off for LoRA: resuming loads the adapters and the optimizer
+state into a freshly loaded base model. ``on_save_checkpoint`` adds ftpipe's metadata (configuration,
+finetuning mode) under ``ftpipe``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ftpipe.config.schema import PipelineConfig
+from ftpipe.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    clean_param_name,
+    no_decay_names,
+    param_groups,
+)
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+IGNORE_INDEX = -100
+#: Key of ftpipe's own metadata in a checkpoint.
+CHECKPOINT_META_KEY = "ftpipe"
+
+
+@dataclass
+class StepStats:
+    """Totals of one optimizer step over its micro-batches and all ranks.
+
+    Attributes:
+        step: optimizer step number (1-based).
+        loss: token-mean training loss.
+        label_tokens: tokens that count in the loss (labels != -100).
+        tokens: real (non-padding) input tokens.
+        padded_tokens: input positions including padding.
+        grad_norm: global gradient norm before clipping (None until clipping ran).
+        lr: learning rate of the step.
+    """
+
+    step: int
+    loss: float
+    label_tokens: int
+    tokens: int
+    padded_tokens: int
+    grad_norm: float | None = None
+    lr: float | None = None
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def shifted_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies (fp32) over the positions whose label is not -100."""
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1)).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def total_grad_norm_and_clip(
+    root: torch.nn.Module | None, params: list[torch.nn.Parameter], max_norm: float | None
+) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` over all shards (returned before clipping), and
+    clipping to ``max_norm`` when it is set.
+
+    FSDP1: ``FullyShardedDataParallel.clip_grad_norm_`` of the root (it all-reduces the shard norms).
+    FSDP2: the gradients are DTensors; their norm is a partial DTensor, made full by an all-reduce.
+    DDP and single device: the gradients are already complete on every rank.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(root, FSDP):
+        return root.clip_grad_norm_(max_norm if max_norm else float("inf")).detach().float()
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(total, "full_tensor"):  # DTensor
+        total = total.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total.detach().float()
+
+
+class _ExpectedMissingFilter(logging.Filter):
+    """Drops FSDP1's "Did not find param" warnings for frozen parameters (absent from LoRA checkpoints
+    on purpose); a missing trainable parameter is still reported."""
+
+    def __init__(self, trainable: set[str]):
+        super().__init__()
+        self.trainable = trainable
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = re.search(r"Did not find param with FQN (\S+?),", record.getMessage())
+        return match is None or clean_param_name(match.group(1)) in self.trainable
+
+
+class SFTModule(pl.LightningModule):
+    """Causal-LM supervised fine-tuning of the model that ``ftpipe.model.load.create_model`` builds.
+
+    Args:
+        cfg: the pipeline configuration (model, LoRA, training and distribution sections are used).
+    """
+
+    def __init__(self, cfg: PipelineConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model: torch.nn.Module | None = None
+        self.lora = cfg.model.finetuning == "lora"
+        # LoRA checkpoints hold only the adapters: loading them leaves the base weights as loaded.
+        self.strict_loading = not self.lora
+        self.total_params = 0
+        self.trainable_params = 0
+        self._no_decay: set[str] = set()
+        self._trainable_names: set[str] = set()
+        # loss sum, label tokens, real tokens, padded positions of the current optimizer step (this rank)
+        self._step_acc = torch.zeros(4, dtype=torch.float64)
+        self._val_acc = torch.zeros(4, dtype=torch.float64)
+        self._model_sums_loss: bool | None = None  # does the model honour num_items_in_batch?
+        self.last_step: StepStats | None = None
+        self._logged_step = 0
+        self.last_val_loss: float | None = None
+
+    # ------------------------------------------------------------------ model
+
+    def configure_model(self) -> None:
+        """Build the model once (under FSDP2 sharded over Lightning's device mesh)."""
+        if self.model is not None:
+            return
+        from ftpipe.model.load import create_model
+        from ftpipe.model.stats import parameter_stats
+
+        # The same seed right before building gives the same adapter initialisation whatever the
+        # strategy; the global RNG (dropout, data order) is left as seed_everything set it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed)
+            model = create_model(self.cfg, device_mesh=self.device_mesh, strategy_kind=self.cfg.dist.strategy)
+        stats = parameter_stats(model)  # before FSDP1 flattens anything
+        self.total_params, self.trainable_params = stats.total, stats.trainable
+        self._no_decay = no_decay_names(model.named_parameters())
+        self._trainable_names = {
+            "model." + clean_param_name(n) for n, p in model.named_parameters() if p.requires_grad
+        }
+        model.train()  # from_pretrained returns the model in eval mode; Lightning keeps a module's mode
+        self.model = model
+
+    def _require_model(self) -> torch.nn.Module:
+        if self.model is None:
+            raise RuntimeError("SFTModule.model is not built: the Trainer calls configure_model() first")
+        return self.model
+
+    # ------------------------------------------------------------------ loss
+
+    def _token_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the token losses of one micro-batch (forward with labels, no KV cache)."""
+        model = self._require_model()
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+            num_items_in_batch=1,  # the model's loss function then returns the sum over tokens
+        )
+        if self._model_sums_loss is None:  # checked once: a model that ignores it would average
+            with torch.no_grad():
+                reference = shifted_token_loss_sum(out.logits, batch["labels"])
+            self._model_sums_loss = bool(
+                out.loss is not None
+                and torch.allclose(out.loss.detach().float(), reference, rtol=1e-3, atol=1e-3)
+            )
+            if not self._model_sums_loss:
+                log.warning(
+                    "%s does not return a summed loss for num_items_in_batch=1; "
+                    "computing the token-sum loss from its logits instead",
+                    type(model).__name__,
+                )
+        if self._model_sums_loss:
+            return out.loss
+        return shifted_token_loss_sum(out.logits, batch["labels"])
+
+    def _counts(self, batch: dict[str, torch.Tensor], loss_sum: torch.Tensor) -> torch.Tensor:
+        """``[loss sum, label tokens, real tokens, padded positions]`` of a micro-batch (float64, on device)."""
+        labels = batch["labels"]
+        label_tokens = batch.get("num_label_tokens")
+        if label_tokens is None:
+            label_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+        tokens = batch.get("num_tokens")
+        if tokens is None:
+            tokens = batch["attention_mask"].sum()
+        padded = torch.tensor(batch["input_ids"].numel(), device=loss_sum.device)
+        parts = [loss_sum.detach(), label_tokens, tokens, padded]
+        return torch.stack([torch.as_tensor(x, device=loss_sum.device).to(torch.float64) for x in parts])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum = self._token_loss_sum(batch)
+        self._step_acc = self._step_acc.to(loss_sum.device) + self._counts(batch, loss_sum)
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the accumulated gradient of summed losses into the gradient of the step's token mean."""
+        totals = _all_reduce_sum(self._step_acc.to(self.device))
+        loss_sum, n_label, tokens, padded = (float(x) for x in totals.cpu())
+        self._step_acc = torch.zeros_like(self._step_acc)
+        trainer = self.trainer
+        scale = trainer.accumulate_grad_batches * trainer.world_size / max(n_label, 1.0)
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+        self.last_step = StepStats(
+            step=trainer.global_step + 1,
+            loss=loss_sum / n_label if n_label else float("nan"),
+            label_tokens=int(n_label),
+            tokens=int(tokens),
+            padded_tokens=int(padded),
+            lr=float(optimizer.param_groups[0]["lr"]),
+        )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by the global norm over all shards (FSDP1, FSDP2, DDP alike); remember the norm."""
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"gradient_clip_algorithm {gradient_clip_algorithm!r}: only 'norm' is supported")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        norm = total_grad_norm_and_clip(root, params, gradient_clip_val)
+        if self.last_step is not None:
+            self.last_step.grad_norm = float(norm)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stats = self.last_step
+        if stats is None or stats.step != self.trainer.global_step or stats.step == self._logged_step:
+            return  # still accumulating
+        self._logged_step = stats.step
+        metrics = {"train_loss": stats.loss, "lr": stats.lr or 0.0}
+        if stats.grad_norm is not None:
+            metrics["grad_norm"] = stats.grad_norm
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+
+    # ------------------------------------------------------------------ validation
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_acc = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum = self._token_loss_sum(batch)
+        self._val_acc = self._val_acc.to(loss_sum.device) + self._counts(batch, loss_sum)
+
+    def on_validation_epoch_end(self) -> None:
+        totals = _all_reduce_sum(self._val_acc.to(self.device)).cpu()
+        loss_sum, n_label = float(totals[0]), float(totals[1])
+        if n_label == 0:
+            raise RuntimeError("validation saw no label tokens: check val_ratio and limit_val_batches")
+        val_loss = torch.tensor(loss_sum / n_label, dtype=torch.float32)
+        self.last_val_loss = float(val_loss)  # the value the checkpoint and early-stopping callbacks compare
+        # The value is already the same on every rank: no further sync.
+        self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        model = self._require_model()
+        self._register_fsdp1_hook()  # the strategy has wrapped the module by now
+        groups = param_groups(model.named_parameters(), self.cfg.train.weight_decay, self._no_decay)
+        optimizer = build_optimizer(groups, self.cfg.train, self.device.type)
+        scheduler = build_scheduler(optimizer, self.cfg.train)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Without the frozen base weights for LoRA when called as the root module (see module doc)."""
+        state = super().state_dict(*args, **kwargs)
+        as_root = not args and not kwargs.get("prefix") and kwargs.get("destination") is None
+        if self.lora and as_root and self._trainable_names:
+            state = self._drop_frozen(state)
+        return state
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_META_KEY] = {
+            "config": self.cfg.to_flat(),
+            "finetuning": self.cfg.model.finetuning,
+            "trainable_only": self.lora,
+            "state_dict_prefix": "model.",
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+        }
+
+    def _drop_frozen(self, state: dict[str, Any]) -> dict[str, Any]:
+        return type(state)((k, v) for k, v in state.items() if clean_param_name(k) in self._trainable_names)
+
+    def _fsdp1_state_dict_hook(self, module: torch.nn.Module, state: dict, prefix: str, *args: Any) -> dict:
+        # Runs after FSDP1's own post-state-dict hook on the root (registered later), so FSDP has
+        # seen every key before the frozen ones go.
+        return self._drop_frozen(state) if not prefix else state
+
+    def _register_fsdp1_hook(self) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = self.trainer.strategy.model
+        if self.lora and isinstance(root, FSDP) and not getattr(root, "_ftpipe_hook", False):
+            root._register_state_dict_hook(self._fsdp1_state_dict_hook)
+            root._ftpipe_hook = True
+            # Loading such a checkpoint, FSDP1 warns once per frozen parameter it does not find.
+            logging.getLogger("torch.distributed.fsdp._state_dict_utils").addFilter(
+                _ExpectedMissingFilter(self._trainable_names)
+            )

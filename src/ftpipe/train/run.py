@@ -1,0 +1,130 @@
+"""``ftpipe train``: fine-tune (LoRA or full) with FSDP2, FSDP1, DDP or one device, through Lightning.
+
+Launch. With ``gpus_per_node`` devices on one machine, Lightning's subprocess launcher re-runs this
+very command line (``ftpipe train ...`` or ``python -m ftpipe train ...``) for the other local ranks
+when ``trainer.fit`` starts; the launching process therefore prepares the data and converts the
+embedded model *before* fitting, and the re-run ranks find both ready. Under ``torchrun`` or SLURM
+every rank is started by the launcher (Lightning's cluster environments detect them) and the same
+code runs unchanged; data preparation then happens on rank 0 while the others wait
+(``ftpipe.data.prepare``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftpipe.config import results_root, save_config, tb_logs_dir, validate_config
+from ftpipe.config.schema import PipelineConfig
+from ftpipe.utils.logging import get_logger, global_rank
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (the same on every rank).
+
+    Attributes:
+        best_checkpoint: checkpoint with the lowest val_loss (None when no validation ran).
+        last_checkpoint: checkpoint of the final optimizer step.
+        global_step: optimizer steps taken.
+        best_val_loss: the lowest val_loss (None when no validation ran).
+        metrics_path: ``metrics.jsonl`` (one line per step and per validation; written by rank 0).
+        checkpoint_dir: this run's checkpoint folder.
+        tb_logs_dir: this run's TensorBoard folder.
+        stopped_early: True when early stopping ended the run before ``max_steps``.
+        summary: throughput, padding share, MFU and peak memory per rank.
+    """
+
+    best_checkpoint: str | None
+    last_checkpoint: str | None
+    global_step: int
+    best_val_loss: float | None
+    metrics_path: str
+    checkpoint_dir: str | None = None
+    tb_logs_dir: str | None = None
+    stopped_early: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def set_cpu_threads(cfg: PipelineConfig) -> int:
+    """On the CPU, share the cores among this machine's ranks: ``cpu_count // gpus_per_node`` threads."""
+    from ftpipe.distributed import accelerator_name
+
+    if accelerator_name(cfg) != "cpu":
+        return torch.get_num_threads()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.train.gpus_per_node) or 1)
+    threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _prepare_inputs(cfg: PipelineConfig):
+    """Data preparation and the tokenizer (which converts the embedded model once), before any fork."""
+    from ftpipe.data.prepare import prepare_data
+    from ftpipe.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = prepare_data(cfg)
+    return tokenizer, prepared
+
+
+def train(cfg: PipelineConfig) -> TrainResult:
+    """Fine-tune ``cfg``'s model on its data; returns where the checkpoints, logs and metrics are."""
+    import lightning.pytorch as pl
+
+    from ftpipe.data.datamodule import SFTDataModule
+    from ftpipe.train.module import SFTModule
+    from ftpipe.train.trainer import build_trainer
+
+    cfg = validate_config(cfg)
+    # Lightning saves ``last`` into the same distributed-checkpoint folder again: expected, not a problem.
+    warnings.filterwarnings("ignore", message="Detected an existing checkpoint in", category=UserWarning)
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    threads = set_cpu_threads(cfg)
+    root = results_root(cfg)
+    if global_rank() == 0:
+        saved = save_config(cfg, root)
+        log.info("resolved configuration saved to %s (%d torch thread(s) per rank)", saved, threads)
+
+    tokenizer, _ = _prepare_inputs(cfg)
+    datamodule = SFTDataModule(cfg, tokenizer)
+    module = SFTModule(cfg)
+    parts = build_trainer(cfg)
+    trainer = parts.trainer
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.train.resume_from_checkpoint)
+
+    ckpt = parts.checkpoint
+    best_score = ckpt.best_model_score
+    result = TrainResult(
+        best_checkpoint=ckpt.best_model_path or None,
+        last_checkpoint=ckpt.last_model_path or None,
+        global_step=trainer.global_step,
+        best_val_loss=float(best_score) if best_score is not None else None,
+        metrics_path=str(parts.metrics_path),
+        checkpoint_dir=ckpt.dirpath,
+        tb_logs_dir=str(Path(tb_logs_dir(cfg)) / (parts.folders.version or "")),
+        stopped_early=trainer.global_step < cfg.train.max_steps and not trainer.interrupted,
+        summary=parts.metrics.summary,
+    )
+    log.info(
+        "training done after %d step(s)%s; best checkpoint: %s (val_loss %s); last checkpoint: %s; "
+        "TensorBoard: %s; metrics: %s",
+        result.global_step,
+        " (stopped early)" if result.stopped_early else "",
+        result.best_checkpoint,
+        f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a",
+        result.last_checkpoint,
+        result.tb_logs_dir,
+        result.metrics_path,
+    )
+    return result

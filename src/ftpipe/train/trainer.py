@@ -1,0 +1,153 @@
+"""Building the Lightning Trainer: strategy, precision, validation cadence, callbacks and logger.
+
+Validation cadence: Lightning counts ``val_check_interval`` in training *batches* (micro-batches)
+when ``check_val_every_n_epoch=None``, over epochs; ``val_check_interval`` optimizer steps are
+therefore ``val_check_interval * accumulate_grad_batches`` batches. The training loader drops
+incomplete batches, and an epoch whose batch count is not a multiple of the accumulation ends with a
+shorter step (the loss normalisation counts its tokens, so that step is still a token mean); a
+warning says when this shifts the validation points off whole steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from ftpipe.config.paths import checkpoints_dir, results_root, tb_logs_dir
+from ftpipe.config.schema import PipelineConfig
+from ftpipe.train.callbacks import (
+    BestAndLastCheckpoint,
+    RunFolders,
+    StepMetrics,
+    shard_report_from_env,
+)
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+METRICS_FILENAME = "metrics.jsonl"
+CHECKPOINT_FILENAME = "step={step}-val_loss={val_loss:.4f}"
+
+
+@dataclass
+class TrainerParts:
+    """The Trainer and the callbacks that ``train`` reads after fitting."""
+
+    trainer: pl.Trainer
+    checkpoint: BestAndLastCheckpoint
+    metrics: StepMetrics
+    folders: RunFolders
+    logger: TensorBoardLogger
+    metrics_path: Path
+
+
+class EpochAlignmentCheck(Callback):
+    """Warns when an epoch's batch count is not a multiple of ``accumulate_grad_batches`` while the run
+    spans several epochs (validation then falls between whole optimizer steps)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches, acc = trainer.num_training_batches, trainer.accumulate_grad_batches
+        if acc > 1 and batches != float("inf") and batches % acc:
+            steps_per_epoch = -(-int(batches) // acc)
+            if trainer.max_steps > steps_per_epoch:
+                log.warning(
+                    "%d training batches per epoch is not a multiple of accumulate_grad_batches %d: "
+                    "each epoch ends with a step of %d micro-batch(es), and validation (every %d batches) "
+                    "drifts off whole optimizer steps after the first epoch",
+                    int(batches),
+                    acc,
+                    int(batches) % acc,
+                    trainer.val_check_batch,
+                )
+
+
+def build_logger(cfg: PipelineConfig) -> TensorBoardLogger:
+    """TensorBoard logs in ``tb_logs_dir(cfg)/version_<N>``."""
+    return TensorBoardLogger(save_dir=str(tb_logs_dir(cfg)), name="", default_hp_metric=False)
+
+
+def build_callbacks(
+    cfg: PipelineConfig, precision: str, metrics_path: Path
+) -> tuple[list[Callback], BestAndLastCheckpoint, StepMetrics, RunFolders]:
+    """Checkpointing (best val_loss + last step), early stopping, step metrics, progress bar (the
+    module logs train_loss, lr and grad_norm itself)."""
+    t = cfg.train
+    checkpoint = BestAndLastCheckpoint(
+        dirpath=str(checkpoints_dir(cfg)),  # RunFolders adds the run's version folder in setup
+        filename=CHECKPOINT_FILENAME,
+        auto_insert_metric_name=False,
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+        save_on_train_epoch_end=False,
+    )
+    metrics = StepMetrics(metrics_path, t.peak_tflops_per_device, precision)
+    folders = RunFolders(checkpoints_dir(cfg), checkpoint)
+    callbacks: list[Callback] = [
+        folders,
+        metrics,
+        TQDMProgressBar(refresh_rate=1),
+        checkpoint,
+    ]
+    if t.early_stopping_patience > 0:
+        callbacks.append(
+            EarlyStopping(
+                monitor="val_loss",
+                mode="min",
+                patience=t.early_stopping_patience,
+                min_delta=t.early_stopping_min_delta,
+                check_finite=True,
+                check_on_train_epoch_end=False,
+                verbose=True,
+                log_rank_zero_only=True,
+            )
+        )
+    report = shard_report_from_env()
+    if report is not None:
+        callbacks.append(report)
+    callbacks.append(EpochAlignmentCheck())
+    return callbacks, checkpoint, metrics, folders
+
+
+def build_trainer(cfg: PipelineConfig) -> TrainerParts:
+    """The Trainer of ``cfg``: strategy and accelerator from ``ftpipe.distributed``, precision from the
+    hardware, ``max_steps`` optimizer steps, validation every ``val_check_interval`` steps."""
+    from ftpipe.distributed import accelerator_name, build_strategy, discover_decoder_layer_classes
+    from ftpipe.model.load import select_precision
+
+    t = cfg.train
+    accelerator = accelerator_name(cfg)
+    precision = select_precision(cfg)
+    layer_classes = discover_decoder_layer_classes(cfg) if cfg.dist.strategy == "fsdp1" else set()
+    strategy = build_strategy(cfg, layer_classes)
+    metrics_path = results_root(cfg) / METRICS_FILENAME
+    callbacks, checkpoint, metrics, folders = build_callbacks(cfg, precision, metrics_path)
+    logger = build_logger(cfg)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=t.gpus_per_node,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_algorithm="norm",
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches if t.limit_val_batches is not None else 1.0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(results_root(cfg)),
+        deterministic=True if accelerator == "cpu" else None,
+        enable_model_summary=False,
+        benchmark=False,
+    )
+    return TrainerParts(trainer, checkpoint, metrics, folders, logger, metrics_path)

@@ -1,0 +1,271 @@
+"""``ftpipe export``: merged LoRA, adapter folder and full fine-tune, checked by their logits.
+
+Tolerance: fp32 throughout; the merged model's logits equal the PEFT model's within atol 1e-4 (the
+merge reorders a sum: W x + B A x vs (W + B A) x), the adapter re-applied and the full fine-tune
+within atol 1e-5. Each test also checks the fine-tuned logits differ from the base model's by far
+more than the tolerance, so a no-op export fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftpipe.config import PipelineConfig, checkpoints_dir
+from ftpipe.export.checkpoint import hf_name, read_checkpoint
+from ftpipe.export.export import base_model_name, export_model
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MERGE_ATOL = 1e-4
+EXACT_ATOL = 1e-5
+INPUT_IDS = torch.tensor([[1, 504, 3456, 88, 12, 9001, 77, 2], [1, 42, 4242, 17, 600, 31, 5, 900]])
+
+
+def _cfg(tmp_path: Path, model: Path, **overrides) -> PipelineConfig:
+    return PipelineConfig.from_flat(
+        {
+            "hf_model_id": str(model),
+            "results_dir": str(tmp_path / "results"),
+            "data_dir": str(tmp_path / "data"),
+            "lora_rank": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.0,
+            "export_dtype": "float32",
+            "precision": "32-true",
+            **overrides,
+        }
+    )
+
+
+def _base(model: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    return model(input_ids=INPUT_IDS).logits.float()
+
+
+def _write_ckpt(path: Path, state: dict[str, torch.Tensor], cfg: PipelineConfig, step: int) -> None:
+    """A checkpoint in the layout ``ftpipe train`` writes for one device / DDP (module keys under
+    ``state_dict`` with the LightningModule's ``model.`` prefix, ftpipe's metadata under ``ftpipe``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"config": cfg.to_flat(), "finetuning": cfg.model.finetuning, "state_dict_prefix": "model."}
+    torch.save({"state_dict": state, "global_step": step, "epoch": 0, "ftpipe": meta}, path)
+
+
+@pytest.fixture
+def lora_run(tmp_path, tiny_model):
+    """A LoRA 'run' with a best checkpoint (random non-zero adapters) and a last one (other adapters);
+    returns (cfg, reference logits of the best checkpoint's PEFT model, base logits)."""
+    from ftpipe.model.lora import apply_lora
+
+    cfg = _cfg(tmp_path, tiny_model)
+    base = _base(tiny_model)
+    base_logits = _logits(base)
+    peft_model = apply_lora(base, cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    lora_state = {"model." + n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+    run = checkpoints_dir(cfg) / "version_0"
+    _write_ckpt(run / "step=4-val_loss=1.2345.ckpt", lora_state, cfg, 4)
+    _write_ckpt(run / "last.ckpt", {k: torch.zeros_like(v) for k, v in lora_state.items()}, cfg, 6)
+    return cfg, _logits(peft_model), base_logits
+
+
+@pytest.mark.timeout(120)
+def test_merged_lora_logits_equal_the_peft_model(lora_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg, reference, base_logits = lora_run
+    result = export_model(cfg)
+    out = Path(result.path)
+    assert result.kind == "merged" and out.name == "merged"
+    assert Path(result.checkpoint).name == "step=4-val_loss=1.2345.ckpt"  # "best" = lowest val_loss
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "config.yaml",
+    } <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    tokenizer_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "chat_template" in tokenizer_cfg or (out / "chat_template.jinja").is_file()
+    assert not [k for k in load_file(out / "model.safetensors") if "lora" in k]
+    assert result.size_bytes == sum(p.stat().st_size for p in out.iterdir())
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    logits = _logits(merged)
+    assert (reference - base_logits).abs().max() > 100 * MERGE_ATOL  # the adapters matter
+    torch.testing.assert_close(logits, reference, atol=MERGE_ATOL, rtol=0)
+
+
+@pytest.mark.timeout(120)
+def test_adapter_folder_reapplied_to_the_base_gives_the_same_logits(lora_run, tiny_model):
+    from peft import PeftModel
+
+    cfg, reference, _ = lora_run
+    result = export_model(cfg.replace(merge=False))
+    out = Path(result.path)
+    assert result.kind == "adapter" and out.name == "adapter"
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model)
+    assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    info = json.loads((out / "ftpipe_export.json").read_text())
+    assert Path(info["base_model_local_path"]) == tiny_model.resolve()
+
+    model = PeftModel.from_pretrained(_base(Path(info["base_model_local_path"])), out).eval()
+    torch.testing.assert_close(_logits(model), reference, atol=EXACT_ATOL, rtol=0)
+
+
+def test_embedded_adapter_names_the_hub_model():
+    cfg = PipelineConfig.from_flat({"hf_model_id": "embedded"})
+    assert base_model_name(cfg) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_keys_lose_lightning_and_peft_prefixes_and_the_adapter_name():
+    key = "model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert hf_name(key) == "model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert hf_name("model.lm_head.weight") == "lm_head.weight"
+
+
+@pytest.mark.timeout(120)
+def test_full_finetune_round_trips(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tmp_path, tiny_model, finetuning="full")
+    model = _base(tiny_model)
+    base_logits = _logits(model)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    state = {"model." + k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "full.ckpt"
+    _write_ckpt(ckpt, state, cfg, 3)
+    result = export_model(
+        cfg.replace(checkpoint=str(ckpt), merge=False)
+    )  # merge is moot for a full fine-tune
+    assert result.kind == "full"
+    exported = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
+    saved = load_file(Path(result.path) / "model.safetensors")
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, state["model." + name], atol=0, rtol=0)
+    reference = _logits(model)
+    assert (reference - base_logits).abs().max() > 100 * EXACT_ATOL
+    torch.testing.assert_close(_logits(exported), reference, atol=EXACT_ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# a real distributed checkpoint written by `ftpipe train` (FSDP2, 2 processes)
+
+
+def _run_train(args: list[str], log_path: Path, timeout: float) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ftpipe", "train", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = proc.wait(timeout=timeout)
+            time.sleep(1.0)  # Lightning's re-run rank finishes right after rank 0
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, f"ftpipe train exited with {code}; log tail:\n{log_path.read_text()[-4000:]}"
+
+
+@pytest.mark.timeout(400)
+def test_export_of_a_real_fsdp2_distributed_checkpoint(tmp_path, tiny_model, alpaca_demo):
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.model.lora import apply_lora
+
+    cfg = _cfg(tmp_path, tiny_model, dataset=str(alpaca_demo))
+    flat = {
+        "hf_model_id": tiny_model,
+        "dataset": alpaca_demo,
+        "data_dir": tmp_path / "data",
+        "results_dir": tmp_path / "results",
+        "strategy": "fsdp2",
+        "gpus_per_node": 2,
+        "max_steps": 2,
+        "max_seq_length": 64,
+        "max_samples": 40,
+        "micro_batch_size": 2,
+        "val_check_interval": 2,
+        "limit_val_batches": 1,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "learning_rate": 0.01,
+        "warmup_steps": 0,
+        "num_workers": 0,
+    }
+    args = ["--config", str(REPO_ROOT / "configs" / "demo.yaml")]
+    for key, value in flat.items():
+        args += [f"--{key}", str(value)]
+    _run_train(args, tmp_path / "train.log", timeout=300)
+
+    result = export_model(cfg)
+    ckpt = Path(result.checkpoint)
+    assert ckpt.is_dir() and (ckpt / ".metadata").is_file() and list(ckpt.glob("*.distcp"))
+    assert "val_loss=" in ckpt.name
+    read = read_checkpoint(ckpt)
+    assert read.global_step == 2 and read.is_lora and read.meta["finetuning"] == "lora"
+    assert any(v.abs().sum() > 0 for k, v in read.weights.items() if "lora_B" in k)  # training moved B
+
+    # Reference: the adapter tensors loaded into a PEFT model by PEFT's own parameter names.
+    peft_model = apply_lora(_base(tiny_model), cfg).eval()
+    adapters = {n: read.weights[hf_name(n)] for n, _ in peft_model.named_parameters() if ".lora_" in n}
+    loaded = peft_model.load_state_dict(adapters, strict=False)
+    assert not loaded.unexpected_keys and len(adapters) == len(read.weights) == 28  # 2 layers x 7 x (A, B)
+    reference = _logits(peft_model)
+    assert (reference - _logits(_base(tiny_model))).abs().max() > 10 * MERGE_ATOL
+    merged = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged), reference, atol=MERGE_ATOL, rtol=0)
+
+
+@pytest.mark.timeout(120)
+def test_export_replaces_only_a_previous_export(lora_run, tmp_path):
+    from ftpipe.export.export import ExportError
+
+    cfg, _, _ = lora_run
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="is not an ftpipe export"):
+        export_model(cfg.replace(export_dir=str(foreign)))
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    first = export_model(cfg.replace(checkpoint="last"))  # zero adapters
+    second = export_model(cfg)  # the best checkpoint into the same folder
+    assert first.path == second.path and Path(second.checkpoint).name.startswith("step=4")
+    info = json.loads((Path(second.path) / "ftpipe_export.json").read_text())
+    assert info["checkpoint"] == second.checkpoint and info["kind"] == "merged"

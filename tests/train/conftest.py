@@ -1,0 +1,218 @@
+"""Helpers of the training tests: ``ftpipe train`` as a real subprocess (Lightning's launcher re-runs the
+command line for the other ranks), a tiny random Llama for fast numeric checks, metrics readers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def run_processes(
+    commands: list[list[str]], log_path: Path, timeout: float, env: dict[str, str] | None = None
+) -> list[int]:
+    """Run ``commands`` at once, each in its own process group, and wait for every process of every
+    group (Lightning's re-run ranks included); kill them all on timeout. Returns the exit codes."""
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    full_env.pop("PYTEST_CURRENT_TEST", None)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    procs, logs = [], []
+    try:
+        for i, cmd in enumerate(commands):
+            log = open(log_path.with_suffix(f".{i}.log"), "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO_ROOT,
+                    env=full_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        codes = []
+        for proc in procs:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        for proc in procs:  # the re-run ranks finish on their own right after rank 0
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        return codes
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"training did not finish within {timeout:.0f}s; logs: {log_path.parent}")
+    finally:
+        for proc in procs:
+            _kill_group(proc.pid)
+        for log in logs:
+            log.close()
+
+
+def read_log(log_path: Path) -> str:
+    return "\n".join(
+        p.read_text(errors="replace") for p in sorted(log_path.parent.glob(log_path.stem + ".*.log"))
+    )
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(step records, validation records) of a ``metrics.jsonl``."""
+    steps, vals = [], []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        (vals if "val_loss" in record else steps).append(record)
+    return steps, vals
+
+
+def ftpipe_cmd(overrides: dict[str, object]) -> list[str]:
+    """``python -m ftpipe train --config configs/demo.yaml --key value ...``."""
+    cmd = [sys.executable, "-m", "ftpipe", "train", "--config", str(DEMO_CONFIG)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", "null" if value is None else str(value)]
+    return cmd
+
+
+class Run:
+    """The outputs of one training run."""
+
+    def __init__(self, out: Path, model_slug: Path, log_path: Path):
+        self.out = out
+        self.root = out / "results" / model_slug
+        self.log_path = log_path
+
+    @property
+    def metrics(self) -> tuple[list[dict], list[dict]]:
+        return read_metrics(self.root / "metrics.jsonl")
+
+    @property
+    def losses(self) -> list[float]:
+        return [s["loss"] for s in self.metrics[0]]
+
+    def checkpoint(self, name: str = "last.ckpt") -> Path:
+        found = sorted((self.root / "checkpoints").glob(f"version_*/{name}"))
+        assert found, f"no {name} under {self.root / 'checkpoints'}"
+        return found[-1]
+
+    def shard_reports(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((self.out / "shards").glob("shards_rank*.json"))]
+
+    def log(self) -> str:
+        return read_log(self.log_path)
+
+
+@pytest.fixture(scope="session")
+def train_runner(tmp_path_factory, alpaca_demo) -> Callable[..., Run]:
+    """``train_runner(name, overrides, timeout=..., torchrun_nodes=0)`` runs ``ftpipe train`` and returns a
+    Run; with ``torchrun_nodes=N`` it starts N torchrun launchers (one per simulated node)."""
+    base = tmp_path_factory.mktemp("train_runs")
+
+    def run(name: str, overrides: dict[str, object], timeout: float = 300, torchrun_nodes: int = 0) -> Run:
+        out = base / name
+        values = {
+            "dataset": str(alpaca_demo),
+            "data_dir": str(base / "data"),
+            "results_dir": str(out / "results"),
+            "num_workers": 0,
+            **overrides,
+        }
+        log_path = out / "train"
+        env = {"FTPIPE_SHARD_REPORT": str(out / "shards")}
+        if torchrun_nodes:
+            port = free_port()
+            commands = []
+            for node in range(torchrun_nodes):
+                launcher = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes",
+                    str(torchrun_nodes),
+                    "--nproc-per-node",
+                    "1",
+                    "--node-rank",
+                    str(node),
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    str(port),
+                    "-m",
+                ]
+                commands.append(launcher + ftpipe_cmd(values)[2:])  # drop "python -m"
+        else:
+            commands = [ftpipe_cmd(values)]
+        codes = run_processes(commands, log_path, timeout, env)
+        result = Run(out, _model_slug(str(values.get("hf_model_id", "embedded"))), log_path)
+        assert codes == [0] * len(commands), f"exit codes {codes}; log tail:\n{result.log()[-6000:]}"
+        return result
+
+    return run
+
+
+def _model_slug(hf_model_id: str) -> Path:
+    from ftpipe.config.paths import model_slug
+
+    return model_slug(hf_model_id)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, embedded_model_path) -> Path:
+    """A tiny randomly initialised Llama (2 layers, hidden 64, the embedded model's tokenizer) saved as a
+    local Hugging Face folder: numeric comparisons run in seconds on it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
