@@ -45,30 +45,6 @@ def _cfg(tmp_path: Path, model: str, alpaca_demo: Path, **overrides) -> Pipeline
     )
 
 
-def _tiny_model(folder: Path, embedded: Path) -> Path:
-    """A tiny random Llama (2 layers, hidden 64) with the embedded model's tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(embedded)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _fake_run(cfg: PipelineConfig, model_path: Path, scale: float) -> None:
     """A LoRA checkpoint in ftpipe train's layout (random adapters of std ``scale``) and a metrics.jsonl."""
     from transformers import AutoModelForCausalLM
@@ -91,13 +67,13 @@ def _fake_run(cfg: PipelineConfig, model_path: Path, scale: float) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_evaluate_writes_a_side_by_side_report(tmp_path, alpaca_demo, embedded_model_path):
+def test_evaluate_writes_a_side_by_side_report(tmp_path, alpaca_demo, tiny_llama):
     from ftpipe.data.prepare import read_jsonl
     from ftpipe.evaluate.evaluate import evaluate
     from ftpipe.evaluate.generate import build_prompts
     from ftpipe.model.tokenizer import load_tokenizer
 
-    tiny = _tiny_model(tmp_path / "tiny", embedded_model_path)
+    tiny = tiny_llama
     cfg = _cfg(tmp_path, str(tiny), alpaca_demo, eval_backend="transformers")
     _fake_run(cfg, tiny, scale=0.3)
     result = evaluate(cfg)
