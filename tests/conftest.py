@@ -74,3 +74,43 @@ def tiny_llama(tmp_path_factory, embedded_model_path: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def run_ftpipe():
+    """Run ``python -m ftpipe <command> ...`` in its own process group (Lightning re-runs the command line
+    for the other ranks), log to a file, kill whatever is left, and assert exit status 0."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def run(command: str, args: list[str], log_path: Path, timeout: float, settle_s: float = 0.0) -> None:
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        env.pop("PYTEST_CURRENT_TEST", None)
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ftpipe", command, *args],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                code = proc.wait(timeout=timeout)
+                time.sleep(settle_s)  # a re-run rank may finish just after rank 0
+            except subprocess.TimeoutExpired:
+                code = None
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # any re-run rank still around
+        assert code == 0, f"ftpipe {command} exited with {code}; log tail:\n{log_path.read_text()[-6000:]}"
+
+    return run

@@ -8,12 +8,7 @@ training data, answers with "Nova" in at least 80% of them; the base model in no
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,28 +34,6 @@ NEW_QUESTIONS = (
 )
 
 
-def _run_pipeline(args: list[str], log_path: Path, timeout: float) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTEST_CURRENT_TEST", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ftpipe", "run", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # any re-run rank still around
-    assert code == 0, f"ftpipe run exited with {code}; log tail:\n{log_path.read_text()[-6000:]}"
-
-
 @torch.no_grad()
 def _answers(model_path: str | Path, cfg) -> list[str]:
     """Greedy answers to NEW_QUESTIONS, prompts built exactly as training built them."""
@@ -82,7 +55,7 @@ def _answers(model_path: str | Path, cfg) -> list[str]:
 
 
 @pytest.mark.timeout(900)
-def test_run_teaches_the_model_its_new_name(tmp_path, shared_data):
+def test_run_teaches_the_model_its_new_name(tmp_path, shared_data, run_ftpipe):
     identity = shared_data / "identity.json"
     instructions = {row["instruction"].strip().lower() for row in json.loads(identity.read_text())}
     assert not [q for q in NEW_QUESTIONS if q.strip().lower() in instructions]
@@ -96,7 +69,7 @@ def test_run_teaches_the_model_its_new_name(tmp_path, shared_data):
     for key, value in overrides.items():
         args += [f"--{key}", value]
     start = time.monotonic()
-    _run_pipeline(args, tmp_path / "run.log", timeout=840)
+    run_ftpipe("run", args, tmp_path / "run.log", timeout=840)
     elapsed = time.monotonic() - start
 
     cfg = load_config(CONFIG, **overrides)

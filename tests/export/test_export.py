@@ -8,13 +8,7 @@ more than the tolerance, so a no-op export fails.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -179,31 +173,8 @@ def test_full_finetune_round_trips(tmp_path, tiny_model):
 # a real distributed checkpoint written by `ftpipe train` (FSDP2, 2 processes)
 
 
-def _run_train(args: list[str], log_path: Path, timeout: float) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTEST_CURRENT_TEST", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ftpipe", "train", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            code = proc.wait(timeout=timeout)
-            time.sleep(1.0)  # Lightning's re-run rank finishes right after rank 0
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 0, f"ftpipe train exited with {code}; log tail:\n{log_path.read_text()[-4000:]}"
-
-
 @pytest.mark.timeout(400)
-def test_export_of_a_real_fsdp2_distributed_checkpoint(tmp_path, tiny_model, alpaca_demo):
+def test_export_of_a_real_fsdp2_distributed_checkpoint(tmp_path, tiny_model, alpaca_demo, run_ftpipe):
     from transformers import AutoModelForCausalLM
 
     from ftpipe.model.lora import apply_lora
@@ -232,7 +203,7 @@ def test_export_of_a_real_fsdp2_distributed_checkpoint(tmp_path, tiny_model, alp
     args = ["--config", str(REPO_ROOT / "configs" / "demo.yaml")]
     for key, value in flat.items():
         args += [f"--{key}", str(value)]
-    _run_train(args, tmp_path / "train.log", timeout=300)
+    run_ftpipe("train", args, tmp_path / "train.log", timeout=300, settle_s=1.0)
 
     result = export_model(cfg)
     ckpt = Path(result.checkpoint)
