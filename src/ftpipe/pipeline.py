@@ -3,8 +3,8 @@
 Launch. ``ftpipe train``'s processes are started by Lightning: for local ranks > 0 its subprocess
 launcher re-runs this very command line (``ftpipe run ...``) when ``trainer.fit`` starts, and under
 ``torchrun`` / SLURM every rank runs it. So every rank prepares (rank 0 does the work, the others
-reuse it) and trains; after training, ranks other than 0 return, and rank 0 leaves the process group
-and exports and evaluates alone, once.
+reuse it) and trains; after training, every rank leaves the process group together, ranks other than 0
+return, and rank 0 exports and evaluates alone, once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from ftpipe.config import validate_config
 from ftpipe.config.schema import PipelineConfig
-from ftpipe.utils.logging import get_logger, global_rank
+from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -79,13 +79,11 @@ def _single_process_env() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _leave_process_group() -> None:
-    """After training: rank 0 works alone, so the process group (and its threads limit) goes."""
+def _use_all_cores() -> None:
+    """After training (whose ranks shared the cores, and left the process group together), rank 0
+    works alone."""
     import torch
-    import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
@@ -103,10 +101,10 @@ def run(cfg: PipelineConfig) -> RunResult | None:
     mark = time.monotonic()
     trained = train(cfg)
     seconds["train"] = time.monotonic() - mark
-    if global_rank() != 0:
+    if trained.rank != 0:
         log.info("training done on this rank; rank 0 exports and evaluates")
         return None
-    _leave_process_group()
+    _use_all_cores()
 
     with _single_process_env():
         return _export_and_evaluate(cfg, prepared, trained, seconds, start)

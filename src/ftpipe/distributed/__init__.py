@@ -17,6 +17,7 @@ _EXPORTS = {
     "find_decoder_layer_classes": "ftpipe.distributed.layers",
     "accelerator_name": "ftpipe.distributed.devices",
     "process_group_backend": "ftpipe.distributed.devices",
+    "leave_process_group": "ftpipe.distributed.devices",
     "apply_activation_checkpointing": "ftpipe.distributed.checkpointing",
     "build_strategy": "ftpipe.distributed.strategy",
     "shard_model": "ftpipe.distributed.fsdp2",
@@ -31,13 +32,14 @@ __all__ = [
     "build_strategy",
     "discover_decoder_layer_classes",
     "find_decoder_layer_classes",
+    "leave_process_group",
     "process_group_backend",
     "shard_model",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ftpipe.distributed.checkpointing import apply_activation_checkpointing
-    from ftpipe.distributed.devices import accelerator_name, process_group_backend
+    from ftpipe.distributed.devices import accelerator_name, leave_process_group, process_group_backend
     from ftpipe.distributed.fsdp1 import CPUFSDPStrategy, MaterializeMeta
     from ftpipe.distributed.fsdp2 import shard_model
     from ftpipe.distributed.layers import (

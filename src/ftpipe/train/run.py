@@ -21,6 +21,7 @@ import torch
 
 from ftpipe.config import results_root, save_config, tb_logs_dir, validate_config
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.distributed.devices import leave_process_group
 from ftpipe.utils.logging import get_logger, global_rank
 
 log = get_logger(__name__)
@@ -28,7 +29,7 @@ log = get_logger(__name__)
 
 @dataclass
 class TrainResult:
-    """What a training run produced (the same on every rank).
+    """What a training run produced (the same on every rank but ``rank``).
 
     Attributes:
         best_checkpoint: checkpoint with the lowest val_loss (None when no validation ran).
@@ -40,6 +41,7 @@ class TrainResult:
         tb_logs_dir: this run's TensorBoard folder.
         stopped_early: True when early stopping ended the run before ``max_steps``.
         summary: throughput, padding share, MFU and peak memory per rank.
+        rank: this process's global rank in training (the process group is gone afterwards).
     """
 
     best_checkpoint: str | None
@@ -51,6 +53,7 @@ class TrainResult:
     tb_logs_dir: str | None = None
     stopped_early: bool = False
     summary: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +118,7 @@ def train(cfg: PipelineConfig) -> TrainResult:
         tb_logs_dir=str(Path(tb_logs_dir(cfg)) / (parts.folders.version or "")),
         stopped_early=trainer.global_step < cfg.train.max_steps and not trainer.interrupted,
         summary=parts.metrics.summary,
+        rank=trainer.global_rank,
     )
     log.info(
         "training done after %d step(s)%s; best checkpoint: %s (val_loss %s); last checkpoint: %s; "
@@ -127,4 +131,5 @@ def train(cfg: PipelineConfig) -> TrainResult:
         result.tb_logs_dir,
         result.metrics_path,
     )
+    leave_process_group()
     return result
