@@ -94,6 +94,8 @@ def settings_hash(settings: dict) -> str:
 
 def prepared_data_dir(data: DataConfig) -> Path:
     """Folder of the prepared ``training/validation/test.jsonl`` for this configuration."""
+    if data.prepared_dir:
+        return Path(data.prepared_dir).expanduser()
     folder = Path(data.data_dir).expanduser() / dataset_slug(data.dataset)
     # Local data has no subsets: dataset_subset (which defaults to a hub subset) is ignored for it.
     subset = "default" if looks_local(data.dataset) else (data.dataset_subset or "default")

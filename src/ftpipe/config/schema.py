@@ -85,6 +85,12 @@ class DataConfig:
         dataset_subset: hub configuration name (subset); none for local data.
         dataset_split: split of the source to read.
         data_dir: root of the prepared data sets.
+        prepared_dir: a folder that already holds ``training.jsonl``, ``validation.jsonl`` and
+            ``test.jsonl`` (as ``ftpipe prepare`` writes them): used as they are, nothing is prepared
+            and ``dataset`` is not read.
+        prepare_per_node: ``data_dir`` is local to each machine (no shared file system, e.g. SageMaker):
+            the first process of every node prepares its own copy (the split is seeded, so the copies
+            are identical); otherwise only global rank 0 prepares and ``data_dir`` must be shared.
         data_format: row format; ``auto`` detects ``messages`` (chat), ``conversations`` (ShareGPT)
             or else alpaca-style columns rendered with the templates.
         converter: import path ``package.module:function`` turning one raw row (dict) into
@@ -115,6 +121,8 @@ class DataConfig:
     dataset_subset: str | None = "flan1m-alpaca-uncensored"
     dataset_split: str = "train"
     data_dir: str = "datasets"
+    prepared_dir: str | None = None
+    prepare_per_node: bool = False
     data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
     converter: str | None = None
     input_template: str = ALPACA_PROMPT
@@ -165,7 +173,11 @@ class TrainConfig:
         log_every_n_steps: logging interval in optimizer steps.
         peak_tflops_per_device: peak TFLOP/s of one device for the MFU estimate (unset: a table of
             GPU bf16 peaks on CUDA, a measured fp32 matmul rate on the CPU).
-        resume_from_checkpoint: checkpoint file or distributed-checkpoint folder to resume training from.
+        resume_from_checkpoint: checkpoint file or distributed-checkpoint folder to resume training
+            from; ``auto``: the newest complete checkpoint of this run's checkpoint folder (a fresh start
+            when there is none).
+        checkpoint_dir: fixed checkpoint folder of this run (SageMaker: ``/opt/ml/checkpoints``); unset:
+            ``<results_root>/checkpoints/version_<N>``, N being the TensorBoard version.
     """
 
     results_dir: str = "results"
@@ -189,6 +201,7 @@ class TrainConfig:
     log_every_n_steps: int = 1
     peak_tflops_per_device: float | None = None
     resume_from_checkpoint: str | None = None
+    checkpoint_dir: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -242,6 +255,7 @@ class EvalConfig:
             BERTScore batch.
         max_eval_samples: score only the first this many test rows (all when unset).
         eval_seed: seed of the sampling.
+        eval_dir: folder of eval_report.json, report.md and the plots (default ``<results_root>/eval``).
     """
 
     eval_backend: Literal["auto", "vllm", "transformers"] = "auto"
@@ -257,6 +271,7 @@ class EvalConfig:
     eval_batch_size: int = 8
     max_eval_samples: int | None = None
     eval_seed: int = 42
+    eval_dir: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -281,6 +296,55 @@ class ExportConfig:
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+@dataclass(kw_only=True)
+class SageMakerConfig:
+    """Amazon SageMaker training jobs: ``ftpipe sagemaker launch`` (on your machine) and the entry point
+    ``ftpipe.sagemaker.entry`` (in the training container).
+
+    Args:
+        role: IAM role ARN the training job runs as (required to launch; not for ``--dry_run``).
+        region: AWS region of the job (unset: the AWS session's region; ``us-east-1`` for a dry run).
+        image_uri: training image (unset: the AWS PyTorch training image for the region and
+            ``framework_version`` / ``py_version``; set it to an image built from sagemaker/Dockerfile).
+        framework_version: PyTorch version of the AWS training image.
+        py_version: Python version tag of the AWS training image.
+        instance_type: SageMaker instance type.
+        instance_count: number of instances (each runs ``gpus_per_node`` processes).
+        volume_size_gb: EBS volume per instance.
+        training_data_s3_uri: S3 URI of the ``training`` channel: raw data file(s), or prepared
+            ``training/validation/test.jsonl`` used as they are.
+        output_s3_uri: S3 URI for model.tar.gz and output.tar.gz (unset: the session's default bucket).
+        checkpoint_s3_uri: S3 URI that SageMaker keeps in sync with ``checkpoint_local_path`` (a
+            restarted spot job resumes from it).
+        checkpoint_local_path: checkpoint folder inside the container.
+        use_spot: managed spot training.
+        max_run_s: maximum training time.
+        max_wait_s: maximum time including waiting for spot capacity (>= max_run_s; spot only).
+        source_dir: folder uploaded as the job's code (unset: the project's ``sagemaker/`` folder).
+        base_job_name: prefix of the training job name.
+        dry_run: build and print the job request without credentials or network, submit nothing.
+    """
+
+    role: str | None = None
+    region: str | None = None
+    image_uri: str | None = None
+    framework_version: str = "2.8.0"
+    py_version: str = "py312"
+    instance_type: str = "ml.p4d.24xlarge"
+    instance_count: int = 1
+    volume_size_gb: int = 200
+    training_data_s3_uri: str | None = None
+    output_s3_uri: str | None = None
+    checkpoint_s3_uri: str | None = None
+    checkpoint_local_path: str = "/opt/ml/checkpoints"
+    use_spot: bool = False
+    max_run_s: int = 86400
+    max_wait_s: int | None = None
+    source_dir: str | None = None
+    base_job_name: str = "ftpipe"
+    dry_run: bool = False
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraConfig,
@@ -289,6 +353,7 @@ SECTIONS: dict[str, type] = {
     "dist": DistConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
+    "sagemaker": SageMakerConfig,
 }
 
 
@@ -303,6 +368,7 @@ class PipelineConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sagemaker: SageMakerConfig = field(default_factory=SageMakerConfig)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> PipelineConfig:

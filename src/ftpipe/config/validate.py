@@ -173,7 +173,22 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
         problems.append(f"top_p: {ev.top_p!r} is outside (0, 1]")
     if not 0.0 < ev.gpu_memory_utilization <= 1.0:
         problems.append(f"gpu_memory_utilization: {ev.gpu_memory_utilization!r} is outside (0, 1]")
+    _check_sagemaker(cfg, problems)
     return problems
+
+
+def _check_sagemaker(cfg: PipelineConfig, problems: list[str]) -> None:
+    sm = cfg.sagemaker
+    _positive(problems, sm, ["instance_count", "volume_size_gb", "max_run_s", "max_wait_s"])
+    for name in ("training_data_s3_uri", "output_s3_uri", "checkpoint_s3_uri"):
+        value = getattr(sm, name)
+        if value is not None and not value.startswith("s3://"):
+            problems.append(f"{name}: {value!r} is not an S3 URI (allowed: s3://bucket/prefix)")
+    if sm.max_wait_s is not None:
+        if not sm.use_spot:
+            problems.append("max_wait_s: only applies to spot training (set use_spot: true, or unset it)")
+        elif sm.max_wait_s < sm.max_run_s:
+            problems.append(f"max_wait_s: {sm.max_wait_s} is below max_run_s {sm.max_run_s} (must be >=)")
 
 
 def validate_config(cfg: PipelineConfig) -> PipelineConfig:

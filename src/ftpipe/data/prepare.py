@@ -149,7 +149,7 @@ def _wait_ready(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
             return _result(folder, manifest, reused=True)
         if time.monotonic() >= deadline:
             raise PrepareTimeoutError(
-                f"rank {rank}: waited {timeout:g} s for rank 0 to prepare the data in {folder}, but no "
+                f"rank {rank}: waited {timeout:g} s for the preparing rank (0, or this node's first with prepare_per_node) to prepare the data in {folder}, but no "
                 f"complete preparation ({READY_MARKER} with these settings) appeared. Check rank 0's log for "
                 "an error; raise prepare_timeout_s for a large data set; make data_dir a folder all ranks "
                 "share, or run `ftpipe prepare` with the same configuration before training."
@@ -195,13 +195,42 @@ def _prepare_in_group(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedD
         dist.destroy_process_group(group)
 
 
+def _given_prepared(folder: Path) -> PreparedData:
+    """``prepared_dir``: the three split files as they are (counted, not rewritten)."""
+    missing = [name for name in SPLIT_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        raise DataError(
+            f"prepared_dir {folder}: {', '.join(missing)} missing; it must hold "
+            f"{', '.join(SPLIT_FILES.values())} (as `ftpipe prepare` writes them), or unset prepared_dir "
+            "and give the raw data as dataset"
+        )
+    counts = {}
+    for split, name in SPLIT_FILES.items():
+        with open(folder / name, encoding="utf-8") as fh:
+            counts[split] = sum(1 for line in fh if line.strip())
+    if counts["train"] == 0:
+        raise DataError(f"prepared_dir {folder}: {SPLIT_FILES['train']} has no rows")
+    return _result(folder, {"counts": counts}, reused=True)
+
+
+def _local_rank() -> int:
+    value = os.environ.get("LOCAL_RANK", "")
+    return int(value) if value.isdigit() else global_rank()
+
+
 def prepare_data(cfg: PipelineConfig) -> PreparedData:
-    """Prepare (or reuse) the data set of ``cfg`` in ``prepared_data_dir(cfg.data)`` on rank 0."""
+    """Prepare (or reuse) the data set of ``cfg`` in ``prepared_data_dir(cfg.data)`` on rank 0 (on
+    the first process of every node with ``prepare_per_node``), or take ``prepared_dir`` as it is."""
     import torch.distributed as dist
 
     folder = prepared_data_dir(cfg.data)
     rank = global_rank()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if cfg.data.prepared_dir:
+        result = _given_prepared(folder)
+    elif cfg.data.prepare_per_node:
+        leader = _local_rank() == 0
+        result = _prepare_rank0(cfg, folder) if leader else _wait_ready(cfg, folder, rank)
+    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         result = _prepare_in_group(cfg, folder, rank)
     elif rank == 0:
         result = _prepare_rank0(cfg, folder)

@@ -59,6 +59,9 @@ class EvalResult:
 
 
 def eval_dir(cfg: PipelineConfig) -> Path:
+    """``eval_dir`` when set, else ``<results_root>/eval``."""
+    if cfg.eval.eval_dir:
+        return Path(cfg.eval.eval_dir).expanduser()
     return results_root(cfg) / "eval"
 
 

@@ -85,7 +85,9 @@ def _version_number(folder: Path) -> int:
 
 
 def newest_run_dir(cfg: PipelineConfig) -> Path:
-    """The newest ``version_<N>`` folder of ``checkpoints_dir(cfg)``."""
+    """``checkpoint_dir`` when set, else the newest ``version_<N>`` folder of ``checkpoints_dir(cfg)``."""
+    if cfg.train.checkpoint_dir:
+        return Path(cfg.train.checkpoint_dir).expanduser()
     root = checkpoints_dir(cfg)
     runs = sorted((p for p in root.glob("version_*") if p.is_dir()), key=_version_number)
     if not runs:

@@ -259,11 +259,12 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
 class RunFolders(Callback):
     """Puts this run's checkpoints in ``<checkpoints_dir>/version_<N>``, N being the TensorBoard version
-    (decided on rank 0 and broadcast, so every rank and node agrees)."""
+    (decided on rank 0 and broadcast, so every rank and node agrees); with a fixed ``checkpoint_dir``
+    (``checkpoints_root`` None) the checkpoint folder stays as it is."""
 
-    def __init__(self, checkpoints_root: Path, checkpoint: ModelCheckpoint):
+    def __init__(self, checkpoints_root: Path | None, checkpoint: ModelCheckpoint):
         super().__init__()
-        self.checkpoints_root = Path(checkpoints_root)
+        self.checkpoints_root = Path(checkpoints_root) if checkpoints_root is not None else None
         self.checkpoint = checkpoint
         self.version: str | None = None
 
@@ -271,7 +272,8 @@ class RunFolders(Callback):
         version = trainer.logger.version if trainer.logger is not None else 0
         name = version if isinstance(version, str) else f"version_{version}"
         self.version = trainer.strategy.broadcast(name)
-        self.checkpoint.dirpath = str(self.checkpoints_root / self.version)
+        if self.checkpoints_root is not None:
+            self.checkpoint.dirpath = str(self.checkpoints_root / self.version)
 
 
 def _local_numel(p: torch.Tensor) -> int:

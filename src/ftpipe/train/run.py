@@ -22,6 +22,8 @@ import torch
 from ftpipe.config import results_root, save_config, tb_logs_dir, validate_config
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.devices import leave_process_group
+from ftpipe.errors import StoppedResumable
+from ftpipe.train.resume import resolve_resume
 from ftpipe.utils.logging import get_logger, global_rank
 
 log = get_logger(__name__)
@@ -42,6 +44,7 @@ class TrainResult:
         stopped_early: True when early stopping ended the run before ``max_steps``.
         summary: throughput, padding share, MFU and peak memory per rank.
         rank: this process's global rank in training (the process group is gone afterwards).
+        stopped_by_signal: a SIGTERM / SIGINT stopped training (after saving the last checkpoint).
     """
 
     best_checkpoint: str | None
@@ -54,6 +57,7 @@ class TrainResult:
     stopped_early: bool = False
     summary: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
+    stopped_by_signal: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +108,7 @@ def train(cfg: PipelineConfig) -> TrainResult:
     module = SFTModule(cfg)
     parts = build_trainer(cfg)
     trainer = parts.trainer
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.train.resume_from_checkpoint)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
 
     ckpt = parts.checkpoint
     best_score = ckpt.best_model_score
@@ -116,9 +120,12 @@ def train(cfg: PipelineConfig) -> TrainResult:
         metrics_path=str(parts.metrics_path),
         checkpoint_dir=ckpt.dirpath,
         tb_logs_dir=str(Path(tb_logs_dir(cfg)) / (parts.folders.version or "")),
-        stopped_early=trainer.global_step < cfg.train.max_steps and not trainer.interrupted,
+        stopped_early=trainer.global_step < cfg.train.max_steps
+        and not trainer.interrupted
+        and parts.stop.stopped_at_step is None,
         summary=parts.metrics.summary,
         rank=trainer.global_rank,
+        stopped_by_signal=parts.stop.stopped_at_step is not None,
     )
     log.info(
         "training done after %d step(s)%s; best checkpoint: %s (val_loss %s); last checkpoint: %s; "
@@ -132,4 +139,11 @@ def train(cfg: PipelineConfig) -> TrainResult:
         result.metrics_path,
     )
     leave_process_group()
+    if result.stopped_by_signal and result.rank == 0:
+        raise StoppedResumable(
+            f"stopped, resumable: a stop signal ({parts.stop.signal_name or 'on another rank'}) ended "
+            f"training after step {result.global_step} of {cfg.train.max_steps}; the last checkpoint is "
+            f"{result.last_checkpoint}. Run the same command with --resume_from_checkpoint auto (or "
+            f"that path) to continue."
+        )
     return result

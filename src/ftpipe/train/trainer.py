@@ -25,6 +25,7 @@ from ftpipe.train.callbacks import (
     StepMetrics,
     shard_report_from_env,
 )
+from ftpipe.train.stop import GracefulStop
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -43,6 +44,7 @@ class TrainerParts:
     folders: RunFolders
     logger: TensorBoardLogger
     metrics_path: Path
+    stop: GracefulStop
 
 
 class EpochAlignmentCheck(Callback):
@@ -74,10 +76,12 @@ def build_callbacks(
     cfg: PipelineConfig, precision: str, metrics_path: Path
 ) -> tuple[list[Callback], BestAndLastCheckpoint, StepMetrics, RunFolders]:
     """Checkpointing (best val_loss + last step), early stopping, step metrics, progress bar (the
-    module logs train_loss, lr and grad_norm itself)."""
+    module logs train_loss, lr and grad_norm itself), and the stop on SIGTERM / SIGINT."""
     t = cfg.train
+    fixed_dir = t.checkpoint_dir
     checkpoint = BestAndLastCheckpoint(
-        dirpath=str(checkpoints_dir(cfg)),  # RunFolders adds the run's version folder in setup
+        # RunFolders adds the run's version folder in setup, unless checkpoint_dir fixes the folder
+        dirpath=str(Path(fixed_dir).expanduser()) if fixed_dir else str(checkpoints_dir(cfg)),
         filename=CHECKPOINT_FILENAME,
         auto_insert_metric_name=False,
         monitor="val_loss",
@@ -87,7 +91,7 @@ def build_callbacks(
         save_on_train_epoch_end=False,
     )
     metrics = StepMetrics(metrics_path, t.peak_tflops_per_device, precision)
-    folders = RunFolders(checkpoints_dir(cfg), checkpoint)
+    folders = RunFolders(None if fixed_dir else checkpoints_dir(cfg), checkpoint)
     callbacks: list[Callback] = [
         folders,
         metrics,
@@ -111,6 +115,7 @@ def build_callbacks(
     if report is not None:
         callbacks.append(report)
     callbacks.append(EpochAlignmentCheck())
+    callbacks.append(GracefulStop())
     return callbacks, checkpoint, metrics, folders
 
 
@@ -150,4 +155,5 @@ def build_trainer(cfg: PipelineConfig) -> TrainerParts:
         enable_model_summary=False,
         benchmark=False,
     )
-    return TrainerParts(trainer, checkpoint, metrics, folders, logger, metrics_path)
+    stop = next(c for c in callbacks if isinstance(c, GracefulStop))
+    return TrainerParts(trainer, checkpoint, metrics, folders, logger, metrics_path, stop)
