@@ -110,23 +110,25 @@ def test_datamodule_fit_and_test_loaders(prepared, tokenizer):
 
 
 @pytest.mark.timeout(60)
-def test_lightning_distributed_sampler_keeps_seed_and_loader_settings(prepared, tokenizer, monkeypatch):
-    """What Lightning 2.6 does to our train loader under a distributed strategy (see the datamodule notes)."""
-    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
-    from lightning.pytorch.trainer.states import RunningStage
-    from lightning.pytorch.utilities.data import _update_dataloader
-    from torch.utils.data import DistributedSampler
+def test_distributed_loaders_shard_one_seeded_permutation(prepared, tokenizer):
+    """Under a distributed Trainer each rank's stateful loader takes its share of one permutation."""
+    from types import SimpleNamespace
 
-    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # what lightning.seed_everything(42) sets
+    from torch.utils.data import DistributedSampler
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
     dm = SFTDataModule(make_cfg(), tokenizer)
-    loader = dm.train_dataloader()
     shards = []
     for rank in range(2):
-        sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank)
-        assert isinstance(sampler, DistributedSampler) and sampler.seed == 42 and sampler.shuffle
-        ranked = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
-        assert ranked.collate_fn is dm.collator and ranked.drop_last and ranked.batch_size == 2
-        shards.append(question_numbers(tokenizer, ranked))
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = dm.train_dataloader()
+        sampler = loader.sampler
+        assert isinstance(loader, StatefulDataLoader) and isinstance(sampler, DistributedSampler)
+        assert (sampler.seed, sampler.shuffle, sampler.rank, sampler.num_replicas) == (42, True, rank, 2)
+        assert loader.collate_fn is dm.collator and loader.drop_last and loader.batch_size == 2
+        shards.append(question_numbers(tokenizer, loader))
+        val = dm.val_dataloader().sampler
+        assert isinstance(val, DistributedSampler) and not val.shuffle and val.rank == rank
     # DistributedSampler(seed=42) at epoch 0: one permutation of the 10 samples, every other index per rank;
     # drop_last keeps 2 full batches of 2 per rank
     permutation = torch.randperm(10, generator=torch.Generator().manual_seed(42)).tolist()

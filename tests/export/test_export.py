@@ -21,6 +21,8 @@ from ftpipe.export.export import base_model_name, export_model
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MERGE_ATOL = 1e-4
 EXACT_ATOL = 1e-5
+#: weight-file suffixes of pickled formats, which an export must never contain
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INPUT_IDS = torch.tensor([[1, 504, 3456, 88, 12, 9001, 77, 2], [1, 42, 4242, 17, 600, 31, 5, 900]])
 
 
@@ -99,7 +101,7 @@ def test_merged_lora_logits_equal_the_peft_model(lora_run):
         "tokenizer.json",
         "config.yaml",
     } <= names
-    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    assert not [n for n in names if n.endswith(PICKLE_SUFFIXES)]  # safetensors only
     tokenizer_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert "chat_template" in tokenizer_cfg or (out / "chat_template.jinja").is_file()
     assert not [k for k in load_file(out / "model.safetensors") if "lora" in k]
@@ -123,6 +125,7 @@ def test_adapter_folder_reapplied_to_the_base_gives_the_same_logits(lora_run, ti
     assert adapter_cfg["base_model_name_or_path"] == str(tiny_model)
     assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert not [p.name for p in out.iterdir() if p.suffix in PICKLE_SUFFIXES]  # safetensors only
     info = json.loads((out / "ftpipe_export.json").read_text())
     assert Path(info["base_model_local_path"]) == tiny_model.resolve()
 
@@ -162,6 +165,7 @@ def test_full_finetune_round_trips(tmp_path, tiny_model):
     assert result.kind == "full"
     exported = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
     saved = load_file(Path(result.path) / "model.safetensors")
+    assert not [p.name for p in Path(result.path).iterdir() if p.suffix in PICKLE_SUFFIXES]
     for name, tensor in saved.items():
         torch.testing.assert_close(tensor, state["model." + name], atol=0, rtol=0)
     reference = _logits(model)

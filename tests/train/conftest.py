@@ -39,19 +39,25 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment, offline, without pytest's per-test variable, plus ``extra``."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(extra or {}),
+    }
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
 def run_processes(
     commands: list[list[str]], log_path: Path, timeout: float, env: dict[str, str] | None = None
 ) -> list[int]:
     """Run ``commands`` at once, each in its own process group, and wait for every process of every
     group (Lightning's re-run ranks included); kill them all on timeout. Returns the exit codes."""
-    full_env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        **(env or {}),
-    }
-    full_env.pop("PYTEST_CURRENT_TEST", None)
+    full_env = subprocess_env(env)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     procs, logs = [], []
@@ -188,3 +194,52 @@ def _model_slug(hf_model_id: str) -> Path:
     from ftpipe.config.paths import model_slug
 
     return model_slug(hf_model_id)
+
+
+class Started:
+    """A started ``ftpipe train`` (or torchrun) process group whose exit the test controls."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path):
+        self.proc = proc
+        self.log_path = log_path
+
+    def wait(self, timeout: float) -> int | None:
+        """Exit status of the launcher (None on timeout); every process of its group is gone after."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            deadline = time.monotonic() + 10
+            while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)  # the re-run rank ends right after rank 0
+            _kill_group(self.proc.pid)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_train(request) -> Callable[..., Started]:
+    """``start_train(args, log_path, launcher=[], env={})``: ``ftpipe train --config demo.yaml`` with
+    ``args`` (``launcher`` prefixes e.g. a torchrun command line), not waited for; killed at teardown."""
+    started: list[Started] = []
+
+    def start(
+        args: dict[str, object], log_path: Path, launcher: list[str] | None = None, env: dict | None = None
+    ) -> Started:
+        cmd = ftpipe_cmd(args)
+        if launcher:
+            cmd = [*launcher, *cmd[2:]]  # drop "python -m"
+        full_env = subprocess_env(env)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                cmd, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        started.append(Started(proc, log_path))
+        return started[-1]
+
+    yield start
+    for s in started:
+        _kill_group(s.proc.pid)

@@ -176,6 +176,8 @@ class TrainConfig:
         resume_from_checkpoint: checkpoint file or distributed-checkpoint folder to resume training
             from; ``auto``: the newest complete checkpoint of this run's checkpoint folder (a fresh start
             when there is none).
+        max_nonfinite_steps: a step whose loss or gradient norm is not finite is skipped (no optimizer
+            update) and counted; this many such steps in a row stop training with an error.
         checkpoint_dir: fixed checkpoint folder of this run (SageMaker: ``/opt/ml/checkpoints``); unset:
             ``<results_root>/checkpoints/version_<N>``, N being the TensorBoard version.
     """
@@ -201,6 +203,7 @@ class TrainConfig:
     log_every_n_steps: int = 1
     peak_tflops_per_device: float | None = None
     resume_from_checkpoint: str | None = None
+    max_nonfinite_steps: int = 3
     checkpoint_dir: str | None = None
 
 

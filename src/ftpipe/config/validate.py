@@ -120,6 +120,7 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
             "log_every_n_steps",
             "gradient_clip_val",
             "peak_tflops_per_device",
+            "max_nonfinite_steps",
         ],
     )
     _positive(

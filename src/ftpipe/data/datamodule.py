@@ -1,28 +1,30 @@
 """The Lightning DataModule: prepared splits -> SFTDatasets -> padded batches.
 
-Shuffling and distribution: the training loader is built with ``shuffle=True`` and a generator seeded
-with ``train.seed``, which orders a single-process run. Under a distributed strategy Lightning 2.6
-(``use_distributed_sampler=True``, the default) replaces the sampler with
-``DistributedSampler(dataset, shuffle=True, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))`` and calls
-``set_epoch`` every epoch: the seed comes from the environment variable that
-``lightning.seed_everything(train.seed)`` sets, so the training stage must call it before ``fit``
-(a warning says so when it was not). Every rank then draws the same permutation and takes its own
-share. The loaders are plain DataLoaders over a map-style dataset, so a stateful sampler for exact
-resume can replace the sampler later without changing this interface.
+Shuffling and distribution: the data module builds the samplers itself (the Trainer runs with
+``use_distributed_sampler=False``). On one process the training loader shuffles with a generator
+seeded with ``train.seed``; on several, every rank gets a ``DistributedSampler(shuffle=True,
+seed=train.seed)`` for its share of the same permutation (Lightning calls ``set_epoch`` each epoch),
+and validation a non-shuffling ``DistributedSampler``.
+
+Resume: the training loader is torchdata's ``StatefulDataLoader``. Lightning stores its state (the
+batches already taken in the current epoch) in every checkpoint and restores it on resume, and the
+loader then skips exactly those batches of the same seeded permutation: a resumed run continues at
+the sample where the interrupted one stopped, none seen twice, none skipped. (Lightning's own sampler
+replacement would re-create the loader and lose its settings, hence the samplers here.)
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.collate import SFTCollator
-from ftpipe.data.tokenize import SFTDataset
+from ftpipe.data.tokenize import SFTDataset, check_chat_template_early
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -35,7 +37,11 @@ STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)
 
 
 class SFTDataModule(pl.LightningDataModule):
-    """Prepares the data (rank 0, in ``ftpipe.data.prepare``), tokenizes the splits and serves batches."""
+    """Prepares the data (rank 0, in ``ftpipe.data.prepare``), tokenizes the splits and serves batches.
+
+    Construction checks that the tokenizer can render the data (chat template), so that problem
+    shows before ``trainer.fit`` starts the training processes.
+    """
 
     def __init__(self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
@@ -44,6 +50,19 @@ class SFTDataModule(pl.LightningDataModule):
         self.collator = SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
         self.prepared = None
         self.datasets: dict[str, SFTDataset] = {}
+        self._check_tokenizer()
+
+    def _check_tokenizer(self) -> None:
+        """A missing chat template fails here, before ``fit`` starts processes or loads weights.
+
+        The training stage prepares the data before building the data module, so the prepared
+        splits (when they exist yet) show whether the rows are chat rows.
+        """
+        from ftpipe.config.paths import prepared_data_dir
+        from ftpipe.data.build import SPLIT_FILES
+
+        folder = prepared_data_dir(self.cfg.data)
+        check_chat_template_early(self.tokenizer, self.cfg.data, [folder / n for n in SPLIT_FILES.values()])
 
     def setup(self, stage: str | None = None) -> None:
         """Prepare the data once (idempotent) and tokenize the splits ``stage`` needs (all when None)."""
@@ -76,13 +95,17 @@ class SFTDataModule(pl.LightningDataModule):
     def test_dataset(self) -> SFTDataset:
         return self._dataset("test")
 
-    def _world_size(self) -> int:
+    def _ranks(self) -> tuple[int, int]:
+        """(world size, global rank) of the attached Trainer; (1, 0) without one."""
         trainer = getattr(self, "trainer", None)
-        return int(trainer.world_size) if trainer is not None else 1
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
 
-    def _loader(self, dataset: SFTDataset, **kwargs) -> DataLoader:
+    def _loader(self, dataset: SFTDataset, stateful: bool = False, **kwargs) -> DataLoader:
         workers = self.cfg.data.num_workers
-        return DataLoader(
+        loader_cls = StatefulDataLoader if stateful else DataLoader
+        return loader_cls(
             dataset,
             batch_size=self.cfg.train.micro_batch_size,
             num_workers=workers,
@@ -92,8 +115,10 @@ class SFTDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with ``train.seed``; incomplete last batches are dropped so every step is full."""
-        dataset, world = self.train_dataset, self._world_size()
+        """Shuffled with ``train.seed`` (each rank its share); incomplete last batches are dropped so
+        every step is full."""
+        dataset = self.train_dataset
+        world, rank = self._ranks()
         per_rank = -(-len(dataset) // world)
         if per_rank < self.cfg.train.micro_batch_size:
             raise ValueError(
@@ -101,17 +126,18 @@ class SFTDataModule(pl.LightningDataModule):
                 f"fewer than micro_batch_size {self.cfg.train.micro_batch_size}: no full batch. Use more "
                 "data (max_samples, train_ratio), a smaller micro_batch_size or fewer processes."
             )
-        if world > 1 and os.environ.get("PL_GLOBAL_SEED") != str(self.cfg.train.seed):
-            log.warning(
-                "PL_GLOBAL_SEED is %r, not seed %d: Lightning's DistributedSampler shuffles with that "
-                "environment variable; call lightning.seed_everything(seed) before fit",
-                os.environ.get("PL_GLOBAL_SEED"),
-                self.cfg.train.seed,
-            )
-        generator = torch.Generator().manual_seed(self.cfg.train.seed)
-        return self._loader(dataset, shuffle=True, generator=generator, drop_last=True)
+        seed = self.cfg.train.seed
+        if world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+            return self._loader(dataset, stateful=True, sampler=sampler, drop_last=True)
+        generator = torch.Generator().manual_seed(seed)
+        return self._loader(dataset, stateful=True, shuffle=True, generator=generator, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
+        world, rank = self._ranks()
+        if world > 1:
+            sampler = DistributedSampler(self.val_dataset, num_replicas=world, rank=rank, shuffle=False)
+            return self._loader(self.val_dataset, sampler=sampler)
         return self._loader(self.val_dataset, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

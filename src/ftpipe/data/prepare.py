@@ -11,7 +11,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -149,7 +148,8 @@ def _wait_ready(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
             return _result(folder, manifest, reused=True)
         if time.monotonic() >= deadline:
             raise PrepareTimeoutError(
-                f"rank {rank}: waited {timeout:g} s for the preparing rank (0, or this node's first with prepare_per_node) to prepare the data in {folder}, but no "
+                f"rank {rank}: waited {timeout:g} s for rank 0 (with prepare_per_node: this node's first process) to prepare the data in {folder}, "
+                "but no "
                 f"complete preparation ({READY_MARKER} with these settings) appeared. Check rank 0's log for "
                 "an error; raise prepare_timeout_s for a large data set; make data_dir a folder all ranks "
                 "share, or run `ftpipe prepare` with the same configuration before training."
@@ -158,41 +158,42 @@ def _wait_ready(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
 
 
 def _prepare_in_group(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
-    """Rank 0 prepares and broadcasts its outcome over a gloo group (CPU, works beside NCCL)."""
+    """Rank 0 prepares and broadcasts its outcome over the default process group.
+
+    No extra group is created: a new group's rendezvous keys can outlive a ``torchrun`` restart and
+    point the restarted ranks at dead peers. Inside ``ftpipe train`` the data was already prepared before
+    the group existed, so this wait is short; its limit is the group's timeout
+    (``process_group_timeout_s``).
+    """
     import torch.distributed as dist
 
-    timeout = cfg.data.prepare_timeout_s
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-    try:
-        status: list = [None]
-        if rank == 0:
-            try:
-                result = _prepare_rank0(cfg, folder)
-            except Exception as err:
-                status[0] = f"{type(err).__name__}: {err}"
-                dist.broadcast_object_list(status, src=0, group=group)
-                raise
-            status[0] = "ok"
-            dist.broadcast_object_list(status, src=0, group=group)
-            return result
+    status: list = [None]
+    if rank == 0:
         try:
-            dist.broadcast_object_list(status, src=0, group=group)
-        except RuntimeError as err:
-            raise PrepareTimeoutError(
-                f"rank {rank}: rank 0 did not finish preparing the data in {folder} within "
-                f"prepare_timeout_s={timeout:g} s ({err}); check rank 0's log, or raise prepare_timeout_s"
-            ) from err
-        if status[0] != "ok":
-            raise DataError(f"rank {rank}: rank 0 failed to prepare the data in {folder}: {status[0]}")
-        manifest = read_manifest(folder)
-        if manifest is None or not (folder / READY_MARKER).is_file():
-            raise DataError(
-                f"rank {rank}: rank 0 prepared {folder}, but this rank cannot see it; "
-                "data_dir must be a folder that every node shares"
-            )
-        return _result(folder, manifest, reused=True)
-    finally:
-        dist.destroy_process_group(group)
+            result = _prepare_rank0(cfg, folder)
+        except Exception as err:
+            status[0] = f"{type(err).__name__}: {err}"
+            dist.broadcast_object_list(status, src=0)
+            raise
+        status[0] = "ok"
+        dist.broadcast_object_list(status, src=0)
+        return result
+    try:
+        dist.broadcast_object_list(status, src=0)
+    except RuntimeError as err:
+        raise PrepareTimeoutError(
+            f"rank {rank}: rank 0 did not finish preparing the data in {folder} within the process group's "
+            f"timeout ({err}); check rank 0's log, raise process_group_timeout_s, or run `ftpipe prepare` first"
+        ) from err
+    if status[0] != "ok":
+        raise DataError(f"rank {rank}: rank 0 failed to prepare the data in {folder}: {status[0]}")
+    manifest = read_manifest(folder)
+    if manifest is None or not (folder / READY_MARKER).is_file():
+        raise DataError(
+            f"rank {rank}: rank 0 prepared {folder}, but this rank cannot see it; "
+            "data_dir must be a folder that every node shares (or set prepare_per_node)"
+        )
+    return _result(folder, manifest, reused=True)
 
 
 def _given_prepared(folder: Path) -> PreparedData:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -120,6 +121,36 @@ def require_chat_template(tokenizer: PreTrainedTokenizerBase, reason: str) -> No
     )
 
 
+def _first_row(path: Path) -> Mapping[str, Any] | None:
+    """The first row of a JSONL file; None when it is missing, empty or unreadable (the dataset reports that)."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    row = json.loads(line)
+                    return row if isinstance(row, Mapping) else None
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def check_chat_template_early(
+    tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig, files: Sequence[str | os.PathLike] = ()
+) -> None:
+    """Raise ChatTemplateError before any long work when the data needs a chat template the tokenizer lacks.
+
+    ``use_chat_template`` needs one; so do chat rows, seen in the first row of each existing ``files``
+    (prepared splits hold one kind of row). Cheap: the training stage calls it (through the data
+    module) before the training processes start and before model weights load.
+    """
+    if data_cfg.use_chat_template:
+        require_chat_template(tokenizer, "use_chat_template is true")
+    for path in map(Path, files):
+        row = _first_row(path) if path.is_file() else None
+        if row is not None and is_chat_row(row):
+            require_chat_template(tokenizer, f"the data has chat rows (messages), e.g. {path}")
+
+
 def _row_name(row: Mapping[str, Any]) -> str:
     return f"row id {row['id']}" if row.get("id") is not None else "row"
 
@@ -134,7 +165,28 @@ def _clean_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
                 f"{_row_name(row)}: message {i} needs a role in {ROLES} and text content, got {message!r}"
             )
         messages.append(msg)
+    _check_role_order(row, messages)
     return messages
+
+
+def _check_role_order(row: Mapping[str, Any], messages: list[dict[str, str]]) -> None:
+    """An optional first system turn, then user and assistant turns alternating from user.
+
+    ``ftpipe prepare`` drops (or, with ``on_bad_row: fail``, reports) such rows; this catches them in
+    data given as ``prepared_dir``. A trailing user turn is allowed (it is left out of training).
+    """
+    expected = "user"
+    for i, msg in enumerate(messages):
+        role = msg["role"]
+        if role == "system" and i == 0:
+            continue
+        if role != expected:
+            raise ValueError(
+                f"{_row_name(row)}: message {i} has role {role!r} where a {expected} turn belongs; turns must be an "
+                "optional first system turn, then user and assistant alternating from user. Fix the row, or "
+                "prepare the data with `ftpipe prepare` (it drops such rows and counts them)"
+            )
+        expected = "assistant" if role == "user" else "user"
 
 
 def _with_system(messages: list[dict[str, str]], data_cfg: DataConfig) -> list[dict[str, str]]:

@@ -1,5 +1,10 @@
 """Reading the model weights of a training checkpoint with ``torch.load(weights_only=True)``.
 
+Nothing here unpickles arbitrary objects: files go through ``torch.load(weights_only=True)``, and the
+distributed checkpoint's ``.metadata`` (which torch itself reads with plain ``pickle.load``) through
+an unpickler that accepts only the checkpoint's own metadata classes, torch sizes and dtypes. A file
+that carries any other object is refused with a CheckpointError before that object is built.
+
 A checkpoint is a Lightning ``.ckpt`` file (single device, DDP) or a distributed-checkpoint folder
 (FSDP2 through ``ModelParallelStrategy(save_distributed_checkpoint=True)``, FSDP1 with sharded state
 dicts: ``*.distcp`` shards, ``.metadata``, and Lightning's ``meta.pt``). Only the model tensors of a
@@ -14,6 +19,7 @@ LightningModule's ``model.`` and PEFT's ``base_model.model.`` prefixes and the a
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -70,13 +76,22 @@ def hf_name(key: str) -> str:
     return _ADAPTER_NAME.sub(r".\1", key)
 
 
+def _why_refused(err: BaseException) -> str:
+    """The line of torch's weights_only error that names the refused object, else the first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "global" in line]
+    return f"{type(err).__name__}: {(named or lines or [''])[0]}"
+
+
 def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int | None]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise CheckpointError(
-            f"checkpoint {path}: cannot be read with torch.load(weights_only=True) ({type(err).__name__}: "
-            f"{err}); only checkpoints of plain tensors and Python values are accepted"
+            f"checkpoint {path}: cannot be read with torch.load(weights_only=True) ({_why_refused(err)}); "
+            "only checkpoints of plain tensors and Python values are accepted, because unpickling other "
+            "objects can run code. Use a checkpoint written by `ftpipe train`, or re-save the file's "
+            "state_dict of tensors where you trust it"
         ) from err
     weights = ckpt.get("state_dict")
     if weights is None:
@@ -86,11 +101,91 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int
     return dict(weights), dict(ckpt.get(META_KEY) or {}), ckpt.get("global_step")
 
 
+#: (module, name) pairs a distributed checkpoint's ``.metadata`` pickle may refer to.
+_DCP_METADATA_GLOBALS = {
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "Path"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, refusing every global but its metadata classes and dtypes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name} (not checkpoint metadata)")
+
+
+def _dcp_reader(path: Path):
+    """A ``FileSystemReader`` whose metadata is read with :class:`_MetadataUnpickler`, not ``pickle.load``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            file = Path(self._get_metadata_path(kwargs.get("rank")))
+            try:
+                with open(file, "rb") as handle:
+                    metadata = _MetadataUnpickler(handle).load()
+            except Exception as err:
+                raise CheckpointError(
+                    f"checkpoint {path}: {file.name} cannot be read safely ({type(err).__name__}: {err}); "
+                    "only distributed-checkpoint metadata is accepted, never other pickled objects"
+                ) from err
+            if not isinstance(metadata, Metadata):
+                raise CheckpointError(f"checkpoint {path}: {file.name} holds a {type(metadata).__name__}")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def check_distributed_metadata(path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless the ``.metadata`` of distributed-checkpoint folder ``path`` is plain
+    checkpoint metadata. torch's own reader (used by Lightning on resume) unpickles it without limits;
+    call this on a folder before handing it to ``trainer.fit(ckpt_path=...)``."""
+    _dcp_reader(Path(path).expanduser()).read_metadata()
+
+
+def _load_meta_pt(path: Path) -> dict[str, Any]:
+    try:
+        extra = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {path.parent}: {path.name} cannot be read with torch.load(weights_only=True) "
+            f"({_why_refused(err)}); only plain tensors and Python values are accepted"
+        ) from err
+    return extra if isinstance(extra, dict) else {}
+
+
 def _load_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int | None]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(path))
+    reader = _dcp_reader(path)
     metadata = reader.read_metadata()
     tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     top = next((p for p in _DCP_TOP_KEYS if any(k.startswith(p) for k in tensors)), None)
@@ -109,7 +204,7 @@ def _load_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], i
     weights = {k.removeprefix(top): v for k, v in state.items()}
     meta, step = {}, None
     if (path / DCP_METADATA_FILE).is_file():
-        extra = torch.load(path / DCP_METADATA_FILE, map_location="cpu", weights_only=True)
+        extra = _load_meta_pt(path / DCP_METADATA_FILE)
         meta, step = dict(extra.get(META_KEY) or {}), extra.get("global_step")
     return weights, meta, step
 

@@ -9,7 +9,6 @@ rank 0 reads the weights and FSDP broadcasts them (``sync_module_states``).
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,15 +22,12 @@ from ftpipe.distributed.fsdp2 import shard_model
 from ftpipe.distributed.layers import find_decoder_layer_classes
 from ftpipe.distributed.precision import compute_dtype, is_16bit, weight_dtype
 from ftpipe.model.embedded import resolve_model_path
+from ftpipe.model.errors import ModelLoadError, load_hint, short_reason
 from ftpipe.model.lora import apply_lora
 from ftpipe.model.stats import log_parameter_stats
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """The model (or its configuration) cannot be loaded; the message says what to change."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,12 +114,6 @@ def select_attn_implementation(cfg: PipelineConfig, device_type: str, *, precisi
 # configuration and weights
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def load_model_config(cfg: PipelineConfig) -> transformers.PretrainedConfig:
     """The model's ``AutoConfig`` (``trust_remote_code`` only when configured).
 
@@ -137,20 +127,8 @@ def load_model_config(cfg: PipelineConfig) -> transformers.PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        if "trust_remote_code" in str(err):
-            hint = "the model needs code from its repository: set trust_remote_code: true if you trust it"
-        elif Path(path).expanduser().is_dir():
-            hint = "the folder has no usable config.json"
-        elif _offline():
-            hint = (
-                "it is not a local folder, not in the Hugging Face cache, and the hub is offline "
-                "(HF_HUB_OFFLINE=1): download it where there is internet "
-                f"(`hf download {model_id}`), point hf_model_id at a local folder, or use 'embedded'"
-            )
-        else:
-            hint = "check the id (and access rights / HF_TOKEN for gated models) or give a local folder"
         raise ModelLoadError(
-            f"hf_model_id: cannot load {model_id!r}: {hint} ({type(err).__name__}: {err})"
+            f"hf_model_id: cannot load {model_id!r}: {load_hint(model_id, path, err)} ({short_reason(err)})"
         ) from err
 
 

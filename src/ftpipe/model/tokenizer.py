@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from ftpipe.config.schema import ModelConfig
 from ftpipe.model.embedded import resolve_model_path
+from ftpipe.model.errors import TokenizerLoadError, load_hint, short_reason
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -43,7 +44,11 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
 
 
 def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``model_cfg.hf_model_id`` with a pad token and right padding (for training)."""
+    """The tokenizer of ``model_cfg.hf_model_id`` with a pad token and right padding (for training).
+
+    Raises TokenizerLoadError (an FtpipeError and OSError) naming ``hf_model_id`` when it cannot be
+    loaded: the training stage loads the tokenizer first, so an unknown model id fails in seconds.
+    """
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_cfg.hf_model_id, model_cfg.model_cache_dir)
@@ -52,10 +57,10 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise OSError(
-            f"could not load the tokenizer of hf_model_id {model_cfg.hf_model_id!r} ({path}): {err}\n"
-            "Check the hub id or folder, the network or the local Hugging Face cache "
-            "(HF_HUB_OFFLINE=1 needs the model cached), and trust_remote_code for custom tokenizers."
+        model_id = model_cfg.hf_model_id
+        raise TokenizerLoadError(
+            f"hf_model_id: cannot load the tokenizer of {model_id!r}: {load_hint(model_id, path, err)} "
+            f"({short_reason(err)})"
         ) from err
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"

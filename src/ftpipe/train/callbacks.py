@@ -21,12 +21,14 @@ import resource
 import time
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from ftpipe.train.atomic import remove_leftovers, save_atomically
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -180,6 +182,8 @@ class StepMetrics(Callback):
             "loss": stats.loss,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
+            "skipped": stats.skipped,
+            "nonfinite_steps": stats.nonfinite_steps,
             "tokens": stats.tokens,
             "label_tokens": stats.label_tokens,
             "padded_tokens": stats.padded_tokens,
@@ -248,7 +252,16 @@ class StepMetrics(Callback):
 
 class BestAndLastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also saves ``last`` at the final optimizer step (not only at the last
-    validation that improved)."""
+    validation that improved), and publishes every checkpoint atomically (``ftpipe.train.atomic``)."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # ModelCheckpoint's own save (lightning 2.6), with the write made atomic.
+        save_atomically(trainer, filepath, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # ``_last_global_step_saved`` / ``_save_last_checkpoint`` are ModelCheckpoint internals (lightning 2.6).
@@ -274,6 +287,11 @@ class RunFolders(Callback):
         self.version = trainer.strategy.broadcast(name)
         if self.checkpoints_root is not None:
             self.checkpoint.dirpath = str(self.checkpoints_root / self.version)
+        if trainer.local_rank == 0 and self.checkpoint.dirpath:
+            removed = remove_leftovers(Path(self.checkpoint.dirpath))
+            if removed:
+                log.info("removed %d unfinished checkpoint save(s): %s", len(removed), ", ".join(removed))
+        trainer.strategy.barrier("ftpipe_run_folders")
 
 
 def _local_numel(p: torch.Tensor) -> int:

@@ -22,13 +22,28 @@ root after FSDP's (it runs last) drops the frozen keys from the sharded state di
 and loading alike. ``strict_loading`` is off for LoRA: resuming loads the adapters and the optimizer
 state into a freshly loaded base model. ``on_save_checkpoint`` adds ftpipe's metadata (configuration,
 finetuning mode) under ``ftpipe``.
+
+Non-finite steps. ``configure_gradient_clipping`` (the last hook before the optimizer update, after
+the closure and the gradient rescaling) checks the step's loss and its global gradient norm. Both
+are the same on every rank (the loss is all-reduced, the norm is global; a NaN on one rank makes both
+NaN everywhere), so every rank takes the same decision without another collective. A step with a
+non-finite value is skipped: its gradients are set to None, so the optimizer's step changes neither
+the weights nor its moments (AdamW skips parameters without a gradient). The skipped step still
+counts in ``global_step`` and advances the learning-rate schedule. It is logged as a warning and in
+the step metrics (``StepStats.skipped`` / ``nonfinite_steps``); ``max_nonfinite_steps`` skipped steps
+in a row raise :class:`NonFiniteError` on every rank at the same step. Under ``16-mixed`` the gradient
+scaler skips overflowing steps itself (normal while it calibrates the scale): only the loss is checked
+there. Test hook: ``FTPIPE_INJECT_NAN_STEPS="3"`` or ``"3,4,5"`` (global steps, 1-based) multiplies
+the loss of those steps by NaN on rank 0 (read once when the module is built).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,6 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.errors import FtpipeError
 from ftpipe.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -51,6 +67,12 @@ log = get_logger(__name__)
 IGNORE_INDEX = -100
 #: Key of ftpipe's own metadata in a checkpoint.
 CHECKPOINT_META_KEY = "ftpipe"
+#: Test hook: comma-separated global steps (1-based) whose loss rank 0 multiplies by NaN.
+INJECT_NAN_ENV = "FTPIPE_INJECT_NAN_STEPS"
+
+
+class NonFiniteError(FtpipeError):
+    """``max_nonfinite_steps`` optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -65,6 +87,8 @@ class StepStats:
         padded_tokens: input positions including padding.
         grad_norm: global gradient norm before clipping (None until clipping ran).
         lr: learning rate of the step.
+        skipped: the loss or gradient norm was not finite; the optimizer update was skipped.
+        nonfinite_steps: skipped steps of the run so far, this one included.
     """
 
     step: int
@@ -74,6 +98,8 @@ class StepStats:
     padded_tokens: int
     grad_norm: float | None = None
     lr: float | None = None
+    skipped: bool = False
+    nonfinite_steps: int = 0
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -114,6 +140,67 @@ def total_grad_norm_and_clip(
     return total.detach().float()
 
 
+@dataclass
+class NonFiniteGuard:
+    """Counts optimizer steps with a non-finite loss or gradient norm and stops after too many in a row.
+
+    Attributes:
+        max_in_a_row: this many non-finite steps in a row raise :class:`NonFiniteError`.
+        total: non-finite steps so far.
+        in_a_row: ``(step, loss, grad_norm)`` of the current run of non-finite steps.
+    """
+
+    max_in_a_row: int
+    total: int = 0
+    in_a_row: list[tuple[int, float, float | None]] = field(default_factory=list)
+
+    def check(self, step: int, loss: float, grad_norm: float | None) -> bool:
+        """True when ``step`` must be skipped (``grad_norm`` None: not checked); a finite step resets the
+        run. Raises NonFiniteError at the ``max_in_a_row``-th non-finite step in a row."""
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            self.in_a_row.clear()
+            return False
+        self.total += 1
+        self.in_a_row.append((step, loss, grad_norm))
+        if len(self.in_a_row) >= self.max_in_a_row:
+            raise NonFiniteError(self.message())
+        return True
+
+    def message(self) -> str:
+        """What went wrong at which steps, and what to do."""
+        values = "; ".join(
+            f"step {s}: loss {loss}, grad_norm {'n/a' if norm is None else norm}"
+            for s, loss, norm in self.in_a_row
+        )
+        return (
+            f"training stopped at step {self.in_a_row[-1][0]}: {len(self.in_a_row)} optimizer steps in a row "
+            f"had a non-finite loss or gradient norm (max_nonfinite_steps {self.max_in_a_row}; {values}); "
+            "their updates were skipped. Lower learning_rate (or raise warmup_steps), set gradient_clip_val, "
+            "check the data for broken or extreme rows, and prefer bf16-mixed or 32-true precision over "
+            "16-mixed; raise max_nonfinite_steps to tolerate longer runs of such steps."
+        )
+
+    def state(self) -> dict[str, Any]:
+        return {"total": self.total, "in_a_row": [list(x) for x in self.in_a_row]}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.total = int(state.get("total", 0))
+        self.in_a_row = [
+            (int(s), float(loss), None if n is None else float(n)) for s, loss, n in state.get("in_a_row", [])
+        ]
+
+
+def inject_nan_steps_from_env() -> frozenset[int]:
+    """The global steps of ``FTPIPE_INJECT_NAN_STEPS`` (test hook; empty when unset)."""
+    raw = os.environ.get(INJECT_NAN_ENV, "").strip()
+    try:
+        return frozenset(int(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise FtpipeError(
+            f"{INJECT_NAN_ENV}: {raw!r} is not a comma-separated list of step numbers"
+        ) from None
+
+
 class _ExpectedMissingFilter(logging.Filter):
     """Drops FSDP1's "Did not find param" warnings for frozen parameters (absent from LoRA checkpoints
     on purpose); a missing trainable parameter is still reported."""
@@ -152,6 +239,14 @@ class SFTModule(pl.LightningModule):
         self.last_step: StepStats | None = None
         self._logged_step = 0
         self.last_val_loss: float | None = None
+        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        self._inject_nan_steps = inject_nan_steps_from_env()
+        if self._inject_nan_steps:
+            log.warning(
+                "test hook %s: NaN loss on rank 0 at step(s) %s",
+                INJECT_NAN_ENV,
+                sorted(self._inject_nan_steps),
+            )
 
     # ------------------------------------------------------------------ model
 
@@ -225,6 +320,12 @@ class SFTModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum = self._token_loss_sum(batch)
+        if (
+            self._inject_nan_steps
+            and self.global_rank == 0
+            and self.trainer.global_step + 1 in self._inject_nan_steps
+        ):
+            loss_sum = loss_sum * float("nan")
         self._step_acc = self._step_acc.to(loss_sum.device) + self._counts(batch, loss_sum)
         return loss_sum
 
@@ -255,14 +356,35 @@ class SFTModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip by the global norm over all shards (FSDP1, FSDP2, DDP alike); remember the norm."""
+        """Clip by the global norm over all shards (FSDP1, FSDP2, DDP alike); remember the norm; skip a
+        step whose loss or norm is not finite (see the module doc)."""
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(f"gradient_clip_algorithm {gradient_clip_algorithm!r}: only 'norm' is supported")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         root = self.trainer.strategy.model if self._trainer is not None else None
-        norm = total_grad_norm_and_clip(root, params, gradient_clip_val)
-        if self.last_step is not None:
-            self.last_step.grad_norm = float(norm)
+        norm = float(total_grad_norm_and_clip(root, params, gradient_clip_val))
+        stats = self.last_step
+        if stats is None:
+            return
+        stats.grad_norm = norm
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        # the same values on every rank: every rank skips (or raises) at the same step
+        loss = stats.loss if stats.label_tokens else 0.0  # a step without label tokens has no loss to check
+        stats.skipped = self.nonfinite.check(stats.step, loss, None if scaler is not None else norm)
+        stats.nonfinite_steps = self.nonfinite.total
+        if stats.skipped:
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+            if self.global_rank == 0:
+                log.warning(
+                    "step %d: non-finite loss (%s) or gradient norm (%s): optimizer update skipped "
+                    "(%d in a row, %d in total; max_nonfinite_steps %d in a row stops training)",
+                    stats.step,
+                    stats.loss,
+                    norm,
+                    len(self.nonfinite.in_a_row),
+                    self.nonfinite.total,
+                    self.nonfinite.max_in_a_row,
+                )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         stats = self.last_step
@@ -273,6 +395,7 @@ class SFTModule(pl.LightningModule):
         if stats.grad_norm is not None:
             metrics["grad_norm"] = stats.grad_norm
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        self.log("nonfinite_steps", float(stats.nonfinite_steps), on_step=True, on_epoch=False, batch_size=1)
 
     # ------------------------------------------------------------------ validation
 
@@ -324,7 +447,14 @@ class SFTModule(pl.LightningModule):
             "state_dict_prefix": "model.",
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
+            "nonfinite": self.nonfinite.state(),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume the count of non-finite steps (and the current run of them) with the training state."""
+        state = checkpoint.get(CHECKPOINT_META_KEY, {}).get("nonfinite")
+        if state is not None:
+            self.nonfinite.load(state)
 
     def _drop_frozen(self, state: dict[str, Any]) -> dict[str, Any]:
         return type(state)((k, v) for k, v in state.items() if clean_param_name(k) in self._trainable_names)

@@ -106,9 +106,10 @@ def train(cfg: PipelineConfig) -> TrainResult:
     tokenizer, _ = _prepare_inputs(cfg)
     datamodule = SFTDataModule(cfg, tokenizer)
     module = SFTModule(cfg)
-    parts = build_trainer(cfg)
+    resume_from = resolve_resume(cfg)
+    parts = build_trainer(cfg, resume_from)
     trainer = parts.trainer
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
 
     ckpt = parts.checkpoint
     best_score = ckpt.best_model_score

@@ -5,10 +5,13 @@ shutdown send SIGTERM; Ctrl-C sends SIGINT. The handler only records the signal.
 step boundary the ranks agree (one all-reduce: a signal seen by any rank stops every rank at the same
 step), the Trainer stops, and the checkpoint callback saves the ``last`` checkpoint of that step at the
 end of training. ``train`` then reports the stop (``StoppedResumable`` on rank 0).
+
+Test hook: ``FTPIPE_STOP_AT_STEP=<N>`` stops after step N as if a signal had arrived then.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -21,6 +24,7 @@ from ftpipe.utils.logging import get_logger
 log = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_AT_ENV = "FTPIPE_STOP_AT_STEP"
 
 
 class GracefulStop(Callback):
@@ -38,6 +42,8 @@ class GracefulStop(Callback):
         self.stopped_at_step: int | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._checked_step = -1
+        stop_at = os.environ.get(STOP_AT_ENV, "")
+        self._stop_at = int(stop_at) if stop_at.isdigit() else None
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -52,6 +58,8 @@ class GracefulStop(Callback):
         if trainer.global_step == self._checked_step:
             return  # inside an accumulation window: not an optimizer step boundary
         self._checked_step = trainer.global_step
+        if self._stop_at is not None and trainer.global_step >= self._stop_at:
+            self.signal_name = f"{STOP_AT_ENV}={self._stop_at}"
         if trainer.strategy.reduce_boolean_decision(self.signal_name is not None, all=False):
             self.stopped_at_step = trainer.global_step
             trainer.should_stop = True

@@ -19,12 +19,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from ftpipe.config.paths import checkpoints_dir, results_root, tb_logs_dir
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.train.atomic import CheckpointRoom
 from ftpipe.train.callbacks import (
     BestAndLastCheckpoint,
     RunFolders,
     StepMetrics,
     shard_report_from_env,
 )
+from ftpipe.train.resume import RngStates
 from ftpipe.train.stop import GracefulStop
 from ftpipe.utils.logging import get_logger
 
@@ -67,9 +69,26 @@ class EpochAlignmentCheck(Callback):
                 )
 
 
-def build_logger(cfg: PipelineConfig) -> TensorBoardLogger:
-    """TensorBoard logs in ``tb_logs_dir(cfg)/version_<N>``."""
-    return TensorBoardLogger(save_dir=str(tb_logs_dir(cfg)), name="", default_hp_metric=False)
+def resumed_version(cfg: PipelineConfig, resume_from: str | None) -> int | None:
+    """N when ``resume_from`` lies in ``<checkpoints_dir>/version_<N>/``: the resumed run continues that
+    run (its TensorBoard version and its checkpoint folder) instead of starting version N+1."""
+    if not resume_from or cfg.train.checkpoint_dir:
+        return None
+    parent = Path(resume_from).expanduser().resolve().parent
+    if parent.parent != checkpoints_dir(cfg).expanduser().resolve() or not parent.name.startswith("version_"):
+        return None
+    tail = parent.name.removeprefix("version_")
+    return int(tail) if tail.isdigit() else None
+
+
+def build_logger(cfg: PipelineConfig, resume_from: str | None = None) -> TensorBoardLogger:
+    """TensorBoard logs in ``tb_logs_dir(cfg)/version_<N>`` (a resumed run keeps its N)."""
+    return TensorBoardLogger(
+        save_dir=str(tb_logs_dir(cfg)),
+        name="",
+        version=resumed_version(cfg, resume_from),
+        default_hp_metric=False,
+    )
 
 
 def build_callbacks(
@@ -116,10 +135,12 @@ def build_callbacks(
         callbacks.append(report)
     callbacks.append(EpochAlignmentCheck())
     callbacks.append(GracefulStop())
+    callbacks.append(RngStates())
+    callbacks.append(CheckpointRoom(lambda: checkpoint.dirpath))
     return callbacks, checkpoint, metrics, folders
 
 
-def build_trainer(cfg: PipelineConfig) -> TrainerParts:
+def build_trainer(cfg: PipelineConfig, resume_from: str | None = None) -> TrainerParts:
     """The Trainer of ``cfg``: strategy and accelerator from ``ftpipe.distributed``, precision from the
     hardware, ``max_steps`` optimizer steps, validation every ``val_check_interval`` steps."""
     from ftpipe.distributed import accelerator_name, build_strategy, discover_decoder_layer_classes
@@ -132,7 +153,7 @@ def build_trainer(cfg: PipelineConfig) -> TrainerParts:
     strategy = build_strategy(cfg, layer_classes)
     metrics_path = results_root(cfg) / METRICS_FILENAME
     callbacks, checkpoint, metrics, folders = build_callbacks(cfg, precision, metrics_path)
-    logger = build_logger(cfg)
+    logger = build_logger(cfg, resume_from)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=t.gpus_per_node,
@@ -153,6 +174,7 @@ def build_trainer(cfg: PipelineConfig) -> TrainerParts:
         default_root_dir=str(results_root(cfg)),
         deterministic=True if accelerator == "cpu" else None,
         enable_model_summary=False,
+        use_distributed_sampler=False,  # the data module shards (a stateful loader must not be re-created)
         benchmark=False,
     )
     stop = next(c for c in callbacks if isinstance(c, GracefulStop))

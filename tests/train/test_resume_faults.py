@@ -1,0 +1,143 @@
+"""Exact resume and surviving faults, on real 2-process runs of ``ftpipe train`` (gloo, tiny Llama, fp32).
+
+- 6 uninterrupted steps vs 3 steps, a stop, a resume and 3 more: the same per-step losses (1e-6) and
+  the same final LoRA weights, with LoRA dropout on (random states restored per rank) and the stop in
+  the middle of an epoch (the stateful loader continues at the same sample); FSDP2 and FSDP1.
+- A checkpoint of 2 ranks resumes on 1 (distributed checkpoints reshard).
+- A process killed in the middle of a checkpoint save: the next start resumes from the previous
+  complete checkpoint and finishes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftpipe.config.paths import model_slug
+from ftpipe.export.checkpoint import read_checkpoint
+from ftpipe.train.resume import is_complete
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = 6
+HALF = 3
+
+
+def _args(tmp_path: Path, tiny_llama: Path, alpaca_demo: Path, name: str, **overrides) -> dict:
+    return {
+        "hf_model_id": tiny_llama,
+        "dataset": alpaca_demo,
+        "data_dir": tmp_path / "data",
+        "results_dir": tmp_path / name,
+        "max_samples": 20,
+        "train_ratio": 0.8,  # 16 training samples: 4 steps per epoch of 2 ranks x micro-batch 2
+        "val_ratio": 0.1,
+        "test_ratio": 0.1,
+        "max_seq_length": 64,
+        "micro_batch_size": 2,
+        "gpus_per_node": 2,
+        "max_steps": STEPS,
+        "warmup_steps": 1,
+        "learning_rate": 1e-3,
+        "min_lr": 1e-4,
+        "val_check_interval": HALF,
+        "limit_val_batches": 1,
+        "lora_dropout": 0.1,  # random: the resumed run must continue the same random streams
+        "precision": "32-true",
+        "early_stopping_patience": 5,
+        "num_workers": 0,
+        **overrides,
+    }
+
+
+def _root(tmp_path: Path, name: str, tiny_llama: Path) -> Path:
+    return tmp_path / name / model_slug(str(tiny_llama))
+
+
+def _steps(root: Path) -> list[dict]:
+    lines = (root / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def _last_weights(root: Path) -> dict[str, torch.Tensor]:
+    found = sorted((root / "checkpoints").glob("version_*/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return read_checkpoint(found[-1]).weights
+
+
+def _assert_ok(started, timeout: float = 240) -> str:
+    code = started.wait(timeout=timeout)
+    log = started.log()
+    assert code == 0, f"exit {code}; log tail:\n{log[-5000:]}"
+    return log
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp1"])
+def test_stop_and_resume_equals_an_uninterrupted_run(
+    tmp_path, tiny_llama, alpaca_demo, start_train, strategy
+):
+    full_args = _args(tmp_path, tiny_llama, alpaca_demo, "full", strategy=strategy)
+    _assert_ok(start_train(full_args, tmp_path / "full.log"))
+    full = _steps(_root(tmp_path, "full", tiny_llama))
+    assert [s["step"] for s in full] == list(range(1, STEPS + 1))
+
+    args = _args(tmp_path, tiny_llama, alpaca_demo, "split", strategy=strategy)
+    stopped = start_train(args, tmp_path / "stopped.log", env={"FTPIPE_STOP_AT_STEP": str(HALF)})
+    assert stopped.wait(timeout=240) == 3, stopped.log()[-5000:]
+    assert "stopped, resumable" in stopped.log()
+    root = _root(tmp_path, "split", tiny_llama)
+    first = _steps(root)
+    assert [s["step"] for s in first] == list(range(1, HALF + 1))
+
+    log = _assert_ok(start_train({**args, "resume_from_checkpoint": "auto"}, tmp_path / "resumed.log"))
+    assert "resuming from" in log
+    second = _steps(root)
+    assert [s["step"] for s in second] == list(range(HALF + 1, STEPS + 1))
+    for a, b in zip(first + second, full, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        assert a["label_tokens"] == b["label_tokens"]  # the same samples at the same steps
+
+    resumed_w, full_w = _last_weights(root), _last_weights(_root(tmp_path, "full", tiny_llama))
+    assert resumed_w.keys() == full_w.keys() and resumed_w
+    for key in full_w:
+        torch.testing.assert_close(resumed_w[key], full_w[key], atol=1e-7, rtol=0, msg=key)
+
+
+@pytest.mark.timeout(420)
+def test_checkpoint_of_two_ranks_resumes_on_one(tmp_path, tiny_llama, alpaca_demo, start_train):
+    args = _args(tmp_path, tiny_llama, alpaca_demo, "two", strategy="fsdp2")
+    stopped = start_train(args, tmp_path / "two.log", env={"FTPIPE_STOP_AT_STEP": str(HALF)})
+    assert stopped.wait(timeout=240) == 3, stopped.log()[-5000:]
+    (ckpt,) = (_root(tmp_path, "two", tiny_llama) / "checkpoints").glob("version_*/last.ckpt")
+    assert len(list(ckpt.glob("*.distcp"))) == 2
+
+    one = {**args, "results_dir": tmp_path / "one", "gpus_per_node": 1, "micro_batch_size": 4}
+    log = _assert_ok(start_train({**one, "resume_from_checkpoint": ckpt}, tmp_path / "one.log"))
+    assert "random states of 2 rank(s), this run has 1" in log
+    steps = _steps(_root(tmp_path, "one", tiny_llama))
+    assert [s["step"] for s in steps] == list(range(HALF + 1, STEPS + 1))
+
+
+@pytest.mark.timeout(420)
+def test_kill_during_checkpoint_save_resumes_from_the_previous_one(
+    tmp_path, tiny_llama, alpaca_demo, start_train
+):
+    args = _args(tmp_path, tiny_llama, alpaca_demo, "crash", strategy="fsdp2", val_check_interval=2)
+    crashed = start_train(args, tmp_path / "crash.log", env={"FTPIPE_FAULT_AT": "checkpoint_written:4"})
+    code = crashed.wait(timeout=240)
+    assert code not in (0, None), crashed.log()[-5000:]
+    folder = next((_root(tmp_path, "crash", tiny_llama) / "checkpoints").glob("version_*"))
+    names = sorted(p.name for p in folder.iterdir())
+    complete = [p for p in folder.glob("*.ckpt") if is_complete(p)]
+    assert complete and all(read_checkpoint(p).global_step == 2 for p in complete), names
+    assert any(n.endswith(".tmp") for n in names), names  # the interrupted save, never published
+
+    log = _assert_ok(start_train({**args, "resume_from_checkpoint": "auto"}, tmp_path / "again.log"))
+    assert "resuming from" in log
+    steps = _steps(_root(tmp_path, "crash", tiny_llama))
+    assert [s["step"] for s in steps] == [3, 4, 5, 6]
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob("*.old"))  # cleaned by later saves
