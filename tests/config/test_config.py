@@ -245,3 +245,12 @@ def test_boolean_fields_take_flag_and_no_flag_forms(argv, expected):
     assert cfg.export.merge is expected
     _, cfg = parse(["prepare", "--no_activation_checkpointing", "--trust_remote_code"])
     assert cfg.dist.activation_checkpointing is False and cfg.model.trust_remote_code is True
+
+
+def test_resume_is_short_for_resume_from_checkpoint():
+    from ftpipe.cli.main import parse
+
+    _, cfg = parse(["train", "--resume", "auto"])
+    assert cfg.train.resume_from_checkpoint == "auto"
+    _, cfg = parse(["train", "--resume_from_checkpoint", "/x/last.ckpt"])
+    assert cfg.train.resume_from_checkpoint == "/x/last.ckpt"

@@ -11,6 +11,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +145,52 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(
     steps = _steps(_root(tmp_path, "crash", tiny_llama))
     assert [s["step"] for s in steps] == [3, 4, 5, 6]
     assert not list(folder.glob("*.tmp")) and not list(folder.glob("*.old"))  # cleaned by later saves
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """``{local rank: pid}`` of the ftpipe workers among ``parent``'s children (Linux /proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid != parent:
+            continue
+        for item in environ:
+            if item.startswith(b"LOCAL_RANK="):
+                found[int(item.split(b"=", 1)[1])] = int(proc.name)
+    return found
+
+
+@pytest.mark.timeout(480)
+def test_killed_rank_under_torchrun_restarts_and_finishes(tmp_path, tiny_llama, alpaca_demo, start_train):
+    args = _args(
+        tmp_path, tiny_llama, alpaca_demo, "elastic", strategy="fsdp2", max_steps=8, val_check_interval=2
+    )
+    args["resume_from_checkpoint"] = "auto"
+    root = _root(tmp_path, "elastic", tiny_llama)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    launcher += ["--max-restarts", "1", "--standalone", "-m"]
+    # A fresh rendezvous store per restart: the shared agent store keeps the dead round's addresses.
+    env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    job = start_train(args, tmp_path / "elastic.log", launcher=launcher, env=env)
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and job.proc.poll() is None:
+        folder = root / "checkpoints"
+        if any(is_complete(p) for p in folder.glob("version_*/*.ckpt")) and len(_steps(root)) >= 3:
+            break
+        time.sleep(0.5)
+    workers = _worker_pids(job.proc.pid)
+    assert 1 in workers, f"no worker of local rank 1 under torchrun: {workers}\n{job.log()[-3000:]}"
+    os.kill(workers[1], signal.SIGKILL)
+
+    log = _assert_ok(job, timeout=300)
+    assert "resuming from" in log
+    assert _steps(root)[-1]["step"] == 8
+    final = sorted((root / "checkpoints").glob("version_*/last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
+    assert read_checkpoint(final).global_step == 8

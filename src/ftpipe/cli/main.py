@@ -53,6 +53,9 @@ GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     ),
 }
 
+#: ``--resume auto|PATH``: the short flag of ``resume_from_checkpoint``.
+RESUME_ALIAS = "resume"
+
 #: commands whose result is the command's output: written to stdout as JSON (logs go to stderr).
 JSON_OUTPUT = frozenset({"sagemaker launch"})
 
@@ -77,6 +80,12 @@ def _stage_parser() -> ArgumentParser:
                 default=f.default,
                 help=f"{helps.get(f.name, '')} (--{f.name} [true|false] or --no_{f.name}; default: {f.default})",
             )
+    parser.add_argument(
+        f"--{RESUME_ALIAS}",
+        type=str | None,
+        default=None,
+        help="short for --resume_from_checkpoint: 'auto' (the newest complete checkpoint) or a path",
+    )
     return parser
 
 
@@ -95,10 +104,18 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def namespace_values(ns: Namespace) -> dict[str, Any]:
+    """The flat field values of one sub-command's namespace (``--resume`` folded in)."""
+    values = {k: v for k, v in ns.as_dict().items() if k not in ("config", "__path__")}
+    alias = values.pop(RESUME_ALIAS, None)
+    if alias is not None:
+        values["resume_from_checkpoint"] = alias
+    return values
+
+
 def config_from_namespace(ns: Namespace) -> PipelineConfig:
     """The flat namespace of one sub-command -> a validated PipelineConfig."""
-    values = {k: v for k, v in ns.as_dict().items() if k not in ("config", "__path__")}
-    return validate_config(PipelineConfig.from_flat(values))
+    return validate_config(PipelineConfig.from_flat(namespace_values(ns)))
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[str, PipelineConfig]:

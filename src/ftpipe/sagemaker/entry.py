@@ -139,11 +139,10 @@ def build_config(env: SageMakerEnv, args: Sequence[str]) -> PipelineConfig:
     """The ``ftpipe run`` configuration of this job: the ``config`` file, SageMaker's paths over it, the
     other hyperparameters (``args``) over both; ``num_nodes`` / ``gpus_per_node`` always from the
     environment (they must match the processes the toolkit started)."""
-    from ftpipe.cli.main import _stage_parser
+    from ftpipe.cli.main import _stage_parser, namespace_values
     from ftpipe.config import validate_config
 
-    ns = _stage_parser().parse_args(list(args))
-    values = {k: v for k, v in ns.as_dict().items() if k not in ("config", "__path__")}
+    values = namespace_values(_stage_parser().parse_args(list(args)))
     given = _given_fields(args)
     checkpoint_local = values["checkpoint_local_path"]
     derived: dict[str, Any] = {

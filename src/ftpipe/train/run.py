@@ -75,6 +75,20 @@ def set_cpu_threads(cfg: PipelineConfig) -> int:
     return threads
 
 
+def _warn_torchrun_shared_store() -> None:
+    """``torchrun --max-restarts N`` shares one rendezvous store across restarts by default; the restarted
+    ranks then read the dead round's addresses and hang joining the process group."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if shared and restarts.isdigit() and int(restarts) > 0 and global_rank() == 0:
+        log.warning(
+            "torchrun --max-restarts %s with its shared rendezvous store: restarted ranks can hang while "
+            "joining the process group. Start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
+            "environment, and resume_from_checkpoint auto.",
+            restarts,
+        )
+
+
 def _prepare_inputs(cfg: PipelineConfig):
     """Data preparation and the tokenizer (which converts the embedded model once), before any fork."""
     from ftpipe.data.prepare import prepare_data
@@ -98,6 +112,7 @@ def train(cfg: PipelineConfig) -> TrainResult:
     warnings.filterwarnings("ignore", message="Detected an existing checkpoint in", category=UserWarning)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     threads = set_cpu_threads(cfg)
+    _warn_torchrun_shared_store()
     root = results_root(cfg)
     if global_rank() == 0:
         saved = save_config(cfg, root)
