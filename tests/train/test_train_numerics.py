@@ -105,7 +105,10 @@ def test_accumulation_equivalence(train_runner, tiny_llama, reference):
         accumulate_grad_batches=4,
     )
     _assert_same_steps(accumulated, reference, rel=1e-5)
-    _assert_same_weights(accumulated, reference, atol=1e-6)
+    # 0.2% of one learning-rate step: padding and summation order differ between the two runs; with
+    # the stateful loader's permutation of the 4 samples the fp32 noise reaches 1.23e-6 (1e-6 held for
+    # the previous loader's permutation, 1e-5 is the default bound of the other comparisons)
+    _assert_same_weights(accumulated, reference, atol=2e-6)
 
 
 @pytest.mark.timeout(600)
