@@ -194,3 +194,16 @@ def test_killed_rank_under_torchrun_restarts_and_finishes(tmp_path, tiny_llama, 
     assert _steps(root)[-1]["step"] == 8
     final = sorted((root / "checkpoints").glob("version_*/last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
     assert read_checkpoint(final).global_step == 8
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_rank_fails_the_job_with_a_message_naming_it(tmp_path, tiny_llama, alpaca_demo, start_train):
+    args = _args(tmp_path, tiny_llama, alpaca_demo, "hang", strategy="fsdp2", process_group_timeout_s=15)
+    started = time.monotonic()
+    job = start_train(args, tmp_path / "hang.log", env={"FTPIPE_HANG_AT": "1:3"})
+    code = job.wait(timeout=240)
+    log = job.log()
+    assert code == 2, f"exit {code}; log tail:\n{log[-5000:]}"
+    assert time.monotonic() - started < 200  # the timeout ends it, not the test's limit
+    assert "timed out after process_group_timeout_s=15 s: rank(s) 1 stopped responding" in log
+    assert "rank 1: step 3" in log and "rank 0: step 3" in log

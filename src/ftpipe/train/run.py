@@ -23,6 +23,7 @@ from ftpipe.config import results_root, save_config, tb_logs_dir, validate_confi
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.devices import leave_process_group
 from ftpipe.errors import StoppedResumable
+from ftpipe.train.heartbeat import is_timeout, timeout_error
 from ftpipe.train.resume import resolve_resume
 from ftpipe.utils.logging import get_logger, global_rank
 
@@ -124,7 +125,12 @@ def train(cfg: PipelineConfig) -> TrainResult:
     resume_from = resolve_resume(cfg)
     parts = build_trainer(cfg, resume_from)
     trainer = parts.trainer
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except RuntimeError as err:
+        if is_timeout(err):
+            raise timeout_error(err, cfg.dist.process_group_timeout_s) from err
+        raise
 
     ckpt = parts.checkpoint
     best_score = ckpt.best_model_score

@@ -26,6 +26,7 @@ from ftpipe.train.callbacks import (
     StepMetrics,
     shard_report_from_env,
 )
+from ftpipe.train.heartbeat import Heartbeat
 from ftpipe.train.resume import RngStates
 from ftpipe.train.stop import GracefulStop
 from ftpipe.utils.logging import get_logger
@@ -135,6 +136,7 @@ def build_callbacks(
         callbacks.append(report)
     callbacks.append(EpochAlignmentCheck())
     callbacks.append(GracefulStop())
+    callbacks.append(Heartbeat())
     callbacks.append(RngStates())
     callbacks.append(CheckpointRoom(lambda: checkpoint.dirpath))
     return callbacks, checkpoint, metrics, folders
