@@ -126,5 +126,20 @@ def checkpoints_dir(cfg: PipelineConfig) -> Path:
     return results_root(cfg) / "checkpoints"
 
 
+def run_version(folder: Path) -> int | None:
+    """N of a ``version_<N>`` run folder, else None."""
+    tail = folder.name.removeprefix("version_")
+    return int(tail) if folder.name.startswith("version_") and tail.isdigit() else None
+
+
+def run_checkpoint_dirs(cfg: PipelineConfig) -> list[Path]:
+    """The runs' checkpoint folders, oldest first: ``[checkpoint_dir]`` when it is set, else the
+    ``version_<N>`` folders of ``checkpoints_dir(cfg)`` by N."""
+    if cfg.train.checkpoint_dir:
+        return [Path(cfg.train.checkpoint_dir).expanduser()]
+    runs = [p for p in checkpoints_dir(cfg).glob("version_*") if p.is_dir() and run_version(p) is not None]
+    return sorted(runs, key=run_version)
+
+
 def tb_logs_dir(cfg: PipelineConfig) -> Path:
     return results_root(cfg) / "tb_logs"

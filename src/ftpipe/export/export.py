@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ftpipe.config import checkpoints_dir, results_root, save_config
-from ftpipe.config.paths import EMBEDDED_MODEL_ID
+from ftpipe.config.paths import EMBEDDED_MODEL_ID, run_checkpoint_dirs
 from ftpipe.config.schema import EMBEDDED_MODEL, PipelineConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.export.checkpoint import CheckpointWeights, is_lora_key, read_checkpoint
@@ -79,20 +79,12 @@ class ExportResult:
 # which checkpoint, where to
 
 
-def _version_number(folder: Path) -> int:
-    tail = folder.name.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
-
 def newest_run_dir(cfg: PipelineConfig) -> Path:
     """``checkpoint_dir`` when set, else the newest ``version_<N>`` folder of ``checkpoints_dir(cfg)``."""
-    if cfg.train.checkpoint_dir:
-        return Path(cfg.train.checkpoint_dir).expanduser()
-    root = checkpoints_dir(cfg)
-    runs = sorted((p for p in root.glob("version_*") if p.is_dir()), key=_version_number)
+    runs = run_checkpoint_dirs(cfg)
     if not runs:
         raise ExportError(
-            f"checkpoint: no training run under {root} (results_dir {cfg.train.results_dir!r}, "
+            f"checkpoint: no training run under {checkpoints_dir(cfg)} (results_dir {cfg.train.results_dir!r}, "
             f"hf_model_id {cfg.model.hf_model_id!r}); train first (`ftpipe train`) or give a checkpoint path"
         )
     return runs[-1]

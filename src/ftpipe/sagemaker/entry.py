@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftpipe.config.paths import LOCAL_DATA_SUFFIXES
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.build import SPLIT_FILES
 from ftpipe.errors import FtpipeError
@@ -36,11 +37,8 @@ from ftpipe.utils.logging import get_logger, setup_logging
 
 log = get_logger(__name__)
 
-#: Defaults of the original guide for the training processes (a job's own environment wins).
-DEFAULT_ENV = {"PYTORCH_ALLOC_CONF": "expandable_segments:True", "TOKENIZERS_PARALLELISM": "false"}
 #: SageMaker's container root; ``SAGEMAKER_BASE_DIR`` replaces it outside SageMaker.
 CONTAINER_ROOT = "/opt/ml"
-_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 
 
 class SageMakerEnvError(FtpipeError):
@@ -120,10 +118,10 @@ def data_overrides(channel: Path | None) -> dict[str, Any]:
         raise SageMakerEnvError(f"SM_CHANNEL_TRAINING {channel} is not a folder")
     if (channel / SPLIT_FILES["train"]).is_file():
         return {"prepared_dir": str(channel)}
-    files = sorted(p for p in channel.rglob("*") if p.is_file() and p.suffix.lower() in _DATA_SUFFIXES)
+    files = sorted(p for p in channel.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_DATA_SUFFIXES)
     if not files:
         raise SageMakerEnvError(
-            f"the training channel {channel} holds no data file ({', '.join(_DATA_SUFFIXES)}) and no "
+            f"the training channel {channel} holds no data file ({', '.join(sorted(LOCAL_DATA_SUFFIXES))}) and no "
             f"prepared {SPLIT_FILES['train']}; upload the data set to the channel's S3 prefix"
         )
     return {"dataset": ",".join(str(p) for p in files)}
@@ -169,8 +167,11 @@ def _given_fields(args: Sequence[str]) -> set[str]:
 
 
 def set_process_env(env: SageMakerEnv) -> None:
-    """The guide's defaults, and the rendezvous for a launch without torchrun (Lightning's launcher)."""
-    for key, value in DEFAULT_ENV.items():
+    """The guide's defaults (the launcher's job environment; a job's own environment wins), and the
+    rendezvous for a launch without torchrun (Lightning's launcher)."""
+    from ftpipe.sagemaker.launch import JOB_ENVIRONMENT
+
+    for key, value in JOB_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     if "LOCAL_WORLD_SIZE" not in os.environ:  # not under torchrun
         os.environ.setdefault("MASTER_ADDR", env.hosts[0])

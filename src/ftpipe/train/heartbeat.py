@@ -2,7 +2,7 @@
 
 Every collective has the process group's timeout (``process_group_timeout_s``): a rank that stops
 responding makes the others fail instead of waiting forever. To say *which* rank stopped, each rank
-records its step in the store at every training batch (``ftpipe/heartbeat/<rank>``; one small write
+records its step in the store once per optimizer step (``ftpipe/heartbeat/<rank>``; one small write
 to the TCP store that the launcher already runs). When a collective times out, every rank that saw the
 timeout marks itself in the store (``ftpipe/timed_out/<rank>``) and waits briefly for the others: the
 ranks that never mark themselves are the ones that stopped responding, and the message names them with
@@ -48,12 +48,17 @@ def _store() -> Any | None:
 
 
 class Heartbeat(Callback):
-    """Records this rank's step in the store before every training batch."""
+    """Records this rank's step in the store once per optimizer step (at its first batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._recorded_step = -1
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         store = _store()
-        if store is not None:
+        if store is not None and trainer.global_step != self._recorded_step:  # once per optimizer step
             store.set(KEY.format(rank=trainer.global_rank), f"{trainer.global_step} {time.time():.0f}")
+            self._recorded_step = trainer.global_step
         hang = os.environ.get(HANG_ENV, "")
         if hang == f"{trainer.global_rank}:{trainer.global_step + 1}":
             log.warning("test hook %s: rank %d stops responding", HANG_ENV, trainer.global_rank)

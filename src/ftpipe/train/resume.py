@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from ftpipe.config.paths import checkpoints_dir
+from ftpipe.config.paths import checkpoints_dir, run_checkpoint_dirs
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
@@ -39,15 +39,9 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
 
 
-def _run_dirs(cfg: PipelineConfig) -> list[Path]:
-    if cfg.train.checkpoint_dir:
-        return [Path(cfg.train.checkpoint_dir).expanduser()]
-    return [p for p in checkpoints_dir(cfg).glob("version_*") if p.is_dir()]
-
-
 def newest_checkpoint(cfg: PipelineConfig) -> Path | None:
     """The most recently written complete checkpoint of this run's checkpoint folder(s), or None."""
-    candidates = [p for run in _run_dirs(cfg) for p in run.glob("*.ckpt") if is_complete(p)]
+    candidates = [p for run in run_checkpoint_dirs(cfg) for p in run.glob("*.ckpt") if is_complete(p)]
     if not candidates:
         return None
 
@@ -74,7 +68,7 @@ def _resolve(cfg: PipelineConfig) -> str | None:
         return None
     if choice == AUTO:
         found = newest_checkpoint(cfg)
-        where = ", ".join(str(p) for p in _run_dirs(cfg)) or str(checkpoints_dir(cfg))
+        where = ", ".join(str(p) for p in run_checkpoint_dirs(cfg)) or str(checkpoints_dir(cfg))
         if found is None:
             log.info("resume_from_checkpoint auto: no complete checkpoint in %s, starting fresh", where)
             return None

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from ftpipe.config.paths import checkpoints_dir, results_root, tb_logs_dir
+from ftpipe.config.paths import checkpoints_dir, results_root, run_version, tb_logs_dir
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.train.atomic import CheckpointRoom
 from ftpipe.train.callbacks import (
@@ -76,10 +76,9 @@ def resumed_version(cfg: PipelineConfig, resume_from: str | None) -> int | None:
     if not resume_from or cfg.train.checkpoint_dir:
         return None
     parent = Path(resume_from).expanduser().resolve().parent
-    if parent.parent != checkpoints_dir(cfg).expanduser().resolve() or not parent.name.startswith("version_"):
+    if parent.parent != checkpoints_dir(cfg).expanduser().resolve():
         return None
-    tail = parent.name.removeprefix("version_")
-    return int(tail) if tail.isdigit() else None
+    return run_version(parent)
 
 
 def build_logger(cfg: PipelineConfig, resume_from: str | None = None) -> TensorBoardLogger:
