@@ -105,10 +105,11 @@ def test_accumulation_equivalence(train_runner, tiny_llama, reference):
         accumulate_grad_batches=4,
     )
     _assert_same_steps(accumulated, reference, rel=1e-5)
-    # 0.2% of one learning-rate step: padding and summation order differ between the two runs; with
-    # the stateful loader's permutation of the 4 samples the fp32 noise reaches 1.23e-6 (1e-6 held for
-    # the previous loader's permutation, 1e-5 is the default bound of the other comparisons)
-    _assert_same_weights(accumulated, reference, atol=2e-6)
+    # 1% of one learning-rate step, the bound of the other comparisons: padding and summation order
+    # differ between the two runs (the chunked loss sums per micro-batch chunk), and AdamW's near-sign
+    # first steps amplify that fp32 noise to 4.4e-6 here; weighting the tokens differently moves
+    # weights by whole steps (1e-3)
+    _assert_same_weights(accumulated, reference, atol=1e-5)
 
 
 @pytest.mark.timeout(600)
@@ -201,3 +202,32 @@ def test_sharded_checkpoint_holds_adapters_only_and_resumes(request, train_runne
     assert steps[0]["lr"] == pytest.approx(full.metrics[0][2]["lr"])
     _assert_same_weights(resumed, full, atol=1e-7)
     assert "Did not find param" not in resumed.log()  # FSDP1: the frozen keys are absent on purpose
+
+
+@pytest.mark.timeout(600)
+def test_packed_training_on_two_fsdp2_ranks(train_runner, tiny_llama):
+    """Packing through the whole stack: FSDP2 on 2 processes, the chunked loss, the isolation check."""
+    run = _run(
+        train_runner,
+        tiny_llama,
+        "fsdp2_packed",
+        strategy="fsdp2",
+        gpus_per_node=2,
+        micro_batch_size=2,
+        max_samples=60,
+        train_ratio=0.6,
+        val_ratio=0.2,
+        test_ratio=0.2,
+        max_seq_length=128,
+        packing=True,
+    )
+    log = run.log()
+    assert "loss: chunked; packing: samples isolated" in log
+    assert "packed into" in log
+    steps, _ = run.metrics
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    for s in steps:
+        # 36 samples fill their packs less well than the whole demo file (under 5%, tests/data/test_packing.py)
+        assert s["tokens"] > 0.85 * s["padded_tokens"]
+        assert s["padded_tokens"] <= 2 * 2 * 128  # 2 ranks x 2 packed rows of at most 128 tokens
+    assert all(0 < s["loss"] < 20 for s in steps)

@@ -112,6 +112,12 @@ class DataConfig:
         prepare_timeout_s: how long non-zero ranks wait for rank 0 to finish preparing.
         max_seq_length: maximum tokens per sample (prompt truncated from the left first).
         pad_to_multiple_of: pad batches to a multiple of this (8 suits tensor cores).
+        packing: pack several samples into each row of up to max_seq_length tokens (best-fit
+            decreasing); position ids restart at every sample and attention never crosses a sample
+            boundary (a block-diagonal mask with sdpa/eager, varlen kernels with flash_attention_2),
+            so each sample trains exactly as it would alone. micro_batch_size then counts packed rows.
+        group_by_length: without packing, batch samples of similar length together (fewer padding
+            tokens); batches are formed across all ranks, so ranks also get similar lengths.
         num_workers: data loader worker processes per rank.
         text_replacements: ``{placeholder: text}`` replaced in every string value of every raw row
             before formatting (e.g. ``{"{{name}}": "Nova"}`` fills identity.json's placeholders).
@@ -143,6 +149,8 @@ class DataConfig:
     prepare_timeout_s: float = 3600.0
     max_seq_length: int = 2048
     pad_to_multiple_of: int | None = None
+    packing: bool = False
+    group_by_length: bool = False
     num_workers: int = 2
     text_replacements: dict[str, str] = field(default_factory=dict)
 
@@ -176,6 +184,9 @@ class TrainConfig:
         resume_from_checkpoint: checkpoint file or distributed-checkpoint folder to resume training
             from; ``auto``: the newest complete checkpoint of this run's checkpoint folder (a fresh start
             when there is none).
+        loss_chunk_size: the cross-entropy runs over the positions that have a label only, this many
+            at a time, each chunk's logits recomputed in the backward pass, so full-vocabulary logits
+            of the whole batch never exist at once; 0 uses the model's own loss over full logits.
         max_nonfinite_steps: a step whose loss or gradient norm is not finite is skipped (no optimizer
             update) and counted; this many such steps in a row stop training with an error.
         checkpoint_dir: fixed checkpoint folder of this run (SageMaker: ``/opt/ml/checkpoints``); unset:
@@ -203,6 +214,7 @@ class TrainConfig:
     log_every_n_steps: int = 1
     peak_tflops_per_device: float | None = None
     resume_from_checkpoint: str | None = None
+    loss_chunk_size: int = 1024
     max_nonfinite_steps: int = 3
     checkpoint_dir: str | None = None
 
@@ -223,6 +235,8 @@ class DistConfig:
         sync_module_states: FSDP1 broadcast of rank 0's weights (with low-memory loading).
         use_orig_params: FSDP1 keeps original parameters (needed for LoRA's frozen/trainable mix).
         process_group_timeout_s: collective timeout; a hung rank fails the job after this long.
+        gpu_memory_gib: memory of one GPU (GiB) that ``ftpipe estimate`` checks the estimate against
+            (unset: the memory of the local CUDA device, if any).
     """
 
     strategy: StrategyName = "fsdp2"
@@ -235,6 +249,7 @@ class DistConfig:
     sync_module_states: bool = True
     use_orig_params: bool = True
     process_group_timeout_s: float = 1800.0
+    gpu_memory_gib: float | None = None
 
 
 @dataclass(kw_only=True)

@@ -104,6 +104,11 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
     _check_templates(cfg, problems)
     _positive(problems, d, ["max_samples", "prepare_timeout_s", "max_seq_length", "pad_to_multiple_of"])
     _positive(problems, d, ["num_workers"], allow_zero=True)
+    if d.packing and d.group_by_length:
+        problems.append(
+            "group_by_length: only applies without packing (packed rows are already full); set one of "
+            "packing / group_by_length to false"
+        )
 
     _positive(
         problems,
@@ -126,7 +131,14 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
     _positive(
         problems,
         t,
-        ["warmup_steps", "min_lr", "weight_decay", "early_stopping_patience", "early_stopping_min_delta"],
+        [
+            "warmup_steps",
+            "min_lr",
+            "weight_decay",
+            "early_stopping_patience",
+            "early_stopping_min_delta",
+            "loss_chunk_size",
+        ],
         allow_zero=True,
     )
     if t.min_lr > t.learning_rate:
@@ -152,7 +164,7 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
             "precision: '16-mixed' is not supported by FSDP2 (Lightning's ModelParallelStrategy); "
             "allowed: auto, 32-true, bf16-mixed, bf16-true, or strategy: fsdp1/ddp"
         )
-    _positive(problems, ds, ["process_group_timeout_s"])
+    _positive(problems, ds, ["process_group_timeout_s", "gpu_memory_gib"])
 
     ev = cfg.eval
     _positive(

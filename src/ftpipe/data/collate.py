@@ -1,4 +1,10 @@
-"""Batching: right padding to the longest sample, labels padded with -100, token counts for the loss."""
+"""Batching: right padding to the longest sample, labels padded with -100, token counts for the loss.
+
+Packed rows (items with ``position_ids``, see ``ftpipe.data.packing``) are batched without an
+attention mask: the padding after a row is given positions of its own (0, 1, ...), so transformers
+treats it as one more, label-less sequence that nothing real attends to. With ``flatten`` the rows of
+a micro-batch become one row (flash-attention's varlen path needs a batch of one).
+"""
 
 from __future__ import annotations
 
@@ -18,10 +24,18 @@ class SFTCollator:
     the longest sample (rounded up to ``pad_to_multiple_of``), plus 0-d ``num_tokens`` (non-padding
     tokens) and ``num_label_tokens`` (labels that count in the loss). Padding never takes a label, so
     an EOS inside a sample keeps its label even when the pad token is EOS.
+
+    Packed rows (samples with ``position_ids``) give ``position_ids`` instead of ``attention_mask``
+    (see the module doc); ``flatten`` concatenates them into a batch of one row.
     """
 
     def __init__(
-        self, pad_token_id: int, pad_to_multiple_of: int | None = None, label_pad_id: int = IGNORE_INDEX
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        label_pad_id: int = IGNORE_INDEX,
+        *,
+        flatten: bool = False,
     ) -> None:
         if pad_token_id is None:
             raise ValueError(
@@ -32,6 +46,7 @@ class SFTCollator:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.label_pad_id = label_pad_id
+        self.flatten = flatten
 
     def __call__(
         self, samples: Sequence[Mapping[str, Sequence[int] | torch.Tensor]]
@@ -46,16 +61,27 @@ class SFTCollator:
                     f"sample {i} of the batch: input_ids {tuple(x.shape)} and labels {tuple(y.shape)} "
                     "must be 1-D and of equal length"
                 )
+        packed = "position_ids" in samples[0]
+        if packed:
+            positions = [torch.as_tensor(s["position_ids"], dtype=torch.long) for s in samples]
+            if self.flatten:
+                ids, labels, positions = [torch.cat(ids)], [torch.cat(labels)], [torch.cat(positions)]
         length = max(len(x) for x in ids)
         if self.pad_to_multiple_of:
             length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        mask = [torch.ones_like(x) for x in ids]
         batch = {
             "input_ids": self._pad(ids, self.pad_token_id, length),
             "labels": self._pad(labels, self.label_pad_id, length),
-            "attention_mask": self._pad(mask, 0, length),
         }
-        batch["num_tokens"] = batch["attention_mask"].sum()
+        if packed:
+            pad_positions = [torch.arange(length - len(p)) for p in positions]
+            batch["position_ids"] = torch.stack(
+                [torch.cat(x) for x in zip(positions, pad_positions, strict=True)]
+            )
+            batch["num_tokens"] = torch.tensor(sum(len(x) for x in ids))
+        else:
+            batch["attention_mask"] = self._pad([torch.ones_like(x) for x in ids], 0, length)
+            batch["num_tokens"] = batch["attention_mask"].sum()
         batch["num_label_tokens"] = (batch["labels"] != self.label_pad_id).sum()
         return batch
 

@@ -6,6 +6,10 @@ seeded with ``train.seed``; on several, every rank gets a ``DistributedSampler(s
 seed=train.seed)`` for its share of the same permutation (Lightning calls ``set_epoch`` each epoch),
 and validation a non-shuffling ``DistributedSampler``.
 
+Fewer padding tokens (``ftpipe.data.packing``): with ``packing`` the training split is served as
+packed rows (through the same samplers); with ``group_by_length`` a length-grouped batch sampler
+replaces the sampler. Validation and test batches are never packed.
+
 Resume: the training loader is torchdata's ``StatefulDataLoader``. Lightning stores its state (the
 batches already taken in the current epoch) in every checkpoint and restores it on resume, and the
 loader then skips exactly those batches of the same seeded permutation: a resumed run continues at
@@ -24,6 +28,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.collate import SFTCollator
+from ftpipe.data.packing import LengthGroupedBatchSampler, PackedDataset
 from ftpipe.data.tokenize import SFTDataset, check_chat_template_early
 from ftpipe.utils.logging import get_logger
 
@@ -48,8 +53,16 @@ class SFTDataModule(pl.LightningDataModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.collator = SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+        self.train_collator = self.collator
+        if cfg.data.packing:
+            self.train_collator = SFTCollator(
+                tokenizer.pad_token_id,
+                pad_to_multiple_of=cfg.data.pad_to_multiple_of,
+                flatten=_flash_attention(cfg),
+            )
         self.prepared = None
         self.datasets: dict[str, SFTDataset] = {}
+        self._packed_train: PackedDataset | None = None
         self._check_tokenizer()
 
     def _check_tokenizer(self) -> None:
@@ -102,36 +115,58 @@ class SFTDataModule(pl.LightningDataModule):
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
 
-    def _loader(self, dataset: SFTDataset, stateful: bool = False, **kwargs) -> DataLoader:
+    @property
+    def packed_train_dataset(self) -> PackedDataset:
+        """The training split packed into rows of up to ``max_seq_length`` tokens (built once)."""
+        if self._packed_train is None:
+            dataset = self.train_dataset
+            self._packed_train = PackedDataset(
+                dataset, dataset.lengths, self.cfg.data.max_seq_length, name=dataset.name
+            )
+        return self._packed_train
+
+    def _loader(self, dataset, stateful: bool = False, collate_fn=None, **kwargs) -> DataLoader:
         workers = self.cfg.data.num_workers
         loader_cls = StatefulDataLoader if stateful else DataLoader
+        if "batch_sampler" not in kwargs:
+            kwargs["batch_size"] = self.cfg.train.micro_batch_size
         return loader_cls(
             dataset,
-            batch_size=self.cfg.train.micro_batch_size,
             num_workers=workers,
             persistent_workers=workers > 0,
-            collate_fn=self.collator,
+            collate_fn=collate_fn or self.collator,
             **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled with ``train.seed`` (each rank its share); incomplete last batches are dropped so
-        every step is full."""
-        dataset = self.train_dataset
+        every step is full. Packed rows with ``packing``, length-grouped batches with ``group_by_length``."""
+        packing = self.cfg.data.packing
+        dataset = self.packed_train_dataset if packing else self.train_dataset
         world, rank = self._ranks()
+        micro = self.cfg.train.micro_batch_size
         per_rank = -(-len(dataset) // world)
-        if per_rank < self.cfg.train.micro_batch_size:
+        if per_rank < micro:
+            what = f"{len(dataset)} packed rows" if packing else f"{len(dataset)} samples"
             raise ValueError(
-                f"the training split has {len(dataset)} samples ({per_rank} per rank over {world} rank(s)), "
-                f"fewer than micro_batch_size {self.cfg.train.micro_batch_size}: no full batch. Use more "
+                f"the training split has {what} ({per_rank} per rank over {world} rank(s)), "
+                f"fewer than micro_batch_size {micro}: no full batch. Use more "
                 "data (max_samples, train_ratio), a smaller micro_batch_size or fewer processes."
             )
         seed = self.cfg.train.seed
+        collate = self.train_collator
+        if self.cfg.data.group_by_length and not packing:
+            batches = LengthGroupedBatchSampler(
+                dataset.lengths, micro, num_replicas=world, rank=rank, seed=seed
+            )
+            return self._loader(dataset, stateful=True, collate_fn=collate, batch_sampler=batches)
         if world > 1:
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-            return self._loader(dataset, stateful=True, sampler=sampler, drop_last=True)
+            return self._loader(dataset, stateful=True, collate_fn=collate, sampler=sampler, drop_last=True)
         generator = torch.Generator().manual_seed(seed)
-        return self._loader(dataset, stateful=True, shuffle=True, generator=generator, drop_last=True)
+        return self._loader(
+            dataset, stateful=True, collate_fn=collate, shuffle=True, generator=generator, drop_last=True
+        )
 
     def val_dataloader(self) -> DataLoader:
         world, rank = self._ranks()
@@ -142,3 +177,11 @@ class SFTDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, shuffle=False)
+
+
+def _flash_attention(cfg: PipelineConfig) -> bool:
+    """True when training will use flash-attention (packed rows are then flattened into one row)."""
+    from ftpipe.distributed.devices import accelerator_name
+    from ftpipe.model.load import select_attn_implementation
+
+    return select_attn_implementation(cfg, accelerator_name(cfg)) == "flash_attention_2"

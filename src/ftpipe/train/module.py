@@ -23,6 +23,12 @@ and loading alike. ``strict_loading`` is off for LoRA: resuming loads the adapte
 state into a freshly loaded base model. ``on_save_checkpoint`` adds ftpipe's metadata (configuration,
 finetuning mode) under ``ftpipe``.
 
+The loss itself is computed by ``ftpipe.train.loss.ChunkedLossHead`` inside the model's forward, over
+labelled positions only and ``loss_chunk_size`` of them at a time (no full-vocabulary logits of the
+batch); ``loss_chunk_size: 0``, or a model whose logits fail the check at the first forward, uses the
+model's own loss over full logits. Packed batches (``position_ids``, no attention mask) are passed
+through as they are; the same first-forward check makes sure packed samples do not see each other.
+
 Non-finite steps. ``configure_gradient_clipping`` (the last hook before the optimizer update, after
 the closure and the gradient rescaling) checks the step's loss and its global gradient norm. Both
 are the same on every rank (the loss is all-reduced, the norm is global; a NaN on one rank makes both
@@ -49,10 +55,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.errors import FtpipeError
+from ftpipe.train.loss import ChunkedLossHead, check_model_numerics, shifted_token_loss_sum
 from ftpipe.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -106,13 +112,6 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def shifted_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropies (fp32) over the positions whose label is not -100."""
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def total_grad_norm_and_clip(
@@ -236,6 +235,8 @@ class SFTModule(pl.LightningModule):
         self._step_acc = torch.zeros(4, dtype=torch.float64)
         self._val_acc = torch.zeros(4, dtype=torch.float64)
         self._model_sums_loss: bool | None = None  # does the model honour num_items_in_batch?
+        self._loss_head: ChunkedLossHead | None = None
+        self._numerics_checked = False
         self.last_step: StepStats | None = None
         self._logged_step = 0
         self.last_val_loss: float | None = None
@@ -269,6 +270,8 @@ class SFTModule(pl.LightningModule):
             "model." + clean_param_name(n) for n, p in model.named_parameters() if p.requires_grad
         }
         model.train()  # from_pretrained returns the model in eval mode; Lightning keeps a module's mode
+        if self.cfg.train.loss_chunk_size > 0:
+            self._loss_head = ChunkedLossHead(model, self.cfg.train.loss_chunk_size)
         self.model = model
 
     def _require_model(self) -> torch.nn.Module:
@@ -278,14 +281,53 @@ class SFTModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ loss
 
+    def _check_numerics(self) -> None:
+        """Once, at the first forward: the chunked loss matches the model's logits, packed samples are
+        isolated (see ``ftpipe.train.loss``)."""
+        self._numerics_checked = True
+        packing = self.cfg.data.packing
+        if self._loss_head is None and not packing:
+            return
+        report = check_model_numerics(
+            self._require_model(), self._loss_head, packing=packing, device=self.device
+        )
+        if report.chunked_loss_ok is False:
+            log.warning(
+                "the chunked loss differs from the cross-entropy of %s's own logits (relative %.3g; the model "
+                "post-processes its logits?): using the model's loss over full logits (more memory)",
+                type(self.model).__name__,
+                report.loss_rel_diff,
+            )
+            self._loss_head.remove()
+            self._loss_head = None
+        if self.global_rank == 0:
+            log.info(
+                "loss: %s; packing: %s",
+                "chunked" if self._loss_head else "full logits",
+                "off"
+                if report.packing_rel_diff is None
+                else f"samples isolated (relative logit difference {report.packing_rel_diff:.2g}, "
+                f"{report.packing_cross_rel_diff:.2g} without isolation)",
+            )
+
     def _token_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of the token losses of one micro-batch (forward with labels, no KV cache)."""
+        """Sum of the token losses of one micro-batch (no KV cache): chunked over the labelled positions,
+        or the model's own loss."""
         model = self._require_model()
+        if not self._numerics_checked:
+            self._check_numerics()
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch.get("attention_mask"),
+            "position_ids": batch.get("position_ids"),
+            "use_cache": False,
+        }
+        if self._loss_head is not None:
+            with self._loss_head.targets(batch["labels"]):
+                return model(**inputs).logits.reshape(())
         out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            **inputs,
             labels=batch["labels"],
-            use_cache=False,
             num_items_in_batch=1,  # the model's loss function then returns the sum over tokens
         )
         if self._model_sums_loss is None:  # checked once: a model that ignores it would average

@@ -1,0 +1,204 @@
+"""The training loss without full-vocabulary logits of the whole batch, and a check of the model's numerics.
+
+A causal LM's output layer turns every position into ``vocab_size`` logits. With SmolLM2's 49,152
+tokens, a micro-batch of 2 x 256 positions holds 100 MB of fp32 logits, as much again for their
+gradient and more for the softmax: the largest activations of the step, mostly spent on prompt
+positions whose label is -100. ``ChunkedLossHead`` computes the loss inside the model's forward
+instead: it replaces the ``forward`` of the model's output-embedding module (``lm_head``; a LoRA
+wrapper of it as well), keeps only the hidden states of positions that have a label, and runs the
+output layer and a sum-reduced cross-entropy over ``loss_chunk_size`` of them at a time, each chunk
+under non-reentrant activation checkpointing, so a chunk's logits are freed at once and recomputed
+in the backward pass. Only one chunk's logits ever exist.
+
+Why inside the forward: under FSDP the output layer's weight (tied to the input embedding in many
+models) belongs to the root's parameter group, which is gathered only while the root module runs;
+and the loss must be part of the root's output so that FSDP's backward hooks fire. The loss is
+therefore returned in place of the logits, as a ``(1, 1, 1)`` tensor; ``SFTModule`` reads it from
+``output.logits``. Without targets set the module behaves as before (generation, export).
+
+A model that post-processes its logits after the output layer (soft-capping, scaling) would get a
+different loss this way; ``check_model_numerics`` compares, on a short random sequence at the first
+forward, the chunked loss with the cross-entropy of the model's own logits, and falls back to the
+full-logit loss (with a warning) when they differ. With ``packing`` it also checks that packed
+sequences do not see each other: a sequence's logits with another one packed in front of it (position
+ids restarting, no attention mask) must equal its logits alone, or training stops with an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ftpipe.errors import FtpipeError
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class PackingIsolationError(FtpipeError):
+    """Packed sequences attend to each other with this model and attention implementation."""
+
+
+def shifted_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropies (fp32) over the positions whose label is not -100."""
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1)).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_token_loss_sum(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """``shifted_token_loss_sum(head(hidden), labels)`` computed ``chunk_size`` labelled positions at a time.
+
+    Only positions whose next-token label is not -100 go through ``head``; with gradients enabled each
+    chunk runs under activation checkpointing, so its logits do not outlive it.
+    """
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != IGNORE_INDEX
+    states = hidden[:, :-1][keep]
+    targets = targets[keep]
+    total = states.sum().float() * 0.0  # keeps the graph connected when no position has a label
+    for start in range(0, targets.numel(), chunk_size):
+        h, y = states[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            part = checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
+        else:
+            part = _chunk_loss(head, h, y)
+        total = total + part
+    return total
+
+
+def _chunk_loss(
+    head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+class ChunkedLossHead:
+    """The output-embedding module of ``model`` made to return the chunked loss while targets are set.
+
+    Args:
+        model: a transformers causal LM (or a PEFT model of one) with ``get_output_embeddings()``.
+        chunk_size: labelled positions per chunk.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int) -> None:
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output embeddings (get_output_embeddings())")
+        self.module = head
+        self.chunk_size = chunk_size
+        self._forward = head.forward  # the module's own (bound) forward
+        self._labels: torch.Tensor | None = None
+        head.forward = self._patched_forward
+
+    def remove(self) -> None:
+        """Give the module its own forward back."""
+        if self.module.__dict__.get("forward") == self._patched_forward:
+            del self.module.forward
+
+    @contextmanager
+    def targets(self, labels: torch.Tensor, chunk_size: int | None = None) -> Iterator[None]:
+        """Within this block the next call of the module returns the loss sum for ``labels``."""
+        saved = self.chunk_size
+        self._labels = labels
+        self.chunk_size = chunk_size or saved
+        try:
+            yield
+        finally:
+            self._labels = None
+            self.chunk_size = saved
+
+    def _patched_forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        labels, self._labels = self._labels, None  # used once per forward
+        if labels is None:
+            return self._forward(hidden, *args, **kwargs)
+        if hidden.shape[:2] != labels.shape:
+            raise ValueError(
+                f"the output layer got hidden states of shape {tuple(hidden.shape)} for labels of shape "
+                f"{tuple(labels.shape)}: the model sliced its positions (logits_to_keep?); set loss_chunk_size: 0"
+            )
+        loss = chunked_token_loss_sum(self._forward, hidden, labels, self.chunk_size)
+        return loss.reshape(1, 1, 1)
+
+
+@dataclass(frozen=True)
+class NumericsReport:
+    """What ``check_model_numerics`` found (relative differences; None: not checked)."""
+
+    chunked_loss_ok: bool | None
+    loss_rel_diff: float | None
+    packing_rel_diff: float | None
+    packing_cross_rel_diff: float | None
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+@torch.no_grad()
+def check_model_numerics(
+    model: torch.nn.Module,
+    head: ChunkedLossHead | None,
+    *,
+    packing: bool,
+    device: torch.device,
+    length: int = 24,
+) -> NumericsReport:
+    """Check the chunked loss against the model's own logits, and (``packing``) packed-sequence isolation.
+
+    Runs a few forwards of a ``length``-token random sequence in eval mode (no dropout); every rank
+    runs the same ones, so under FSDP the collectives match. Raises PackingIsolationError when a
+    packed sequence's logits depend on the sequence before it. Returns what was measured; the caller
+    turns the chunked loss off when ``chunked_loss_ok`` is False.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        vocab = int(model.config.vocab_size)
+        generator = torch.Generator().manual_seed(1234)
+        ids = torch.randint(0, vocab, (1, length), generator=generator).to(device)
+        labels = ids.clone()
+        labels[:, : length // 3] = IGNORE_INDEX
+        full = model(input_ids=ids, use_cache=False).logits
+        tol = _tolerance(full.dtype)
+        ok, loss_diff = None, None
+        if head is not None:
+            reference = shifted_token_loss_sum(full, labels)
+            with head.targets(labels, chunk_size=5):  # several chunks, a short last one
+                chunked = model(input_ids=ids, use_cache=False).logits.reshape(()).float()
+            loss_diff = float((chunked - reference).abs() / reference.abs().clamp_min(1e-6))
+            ok = loss_diff <= tol
+        pack_diff = cross_diff = None
+        if packing:
+            split = length // 3
+            positions = torch.cat([torch.arange(split), torch.arange(length - split)]).to(device)[None]
+            packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, split:].float()
+            alone = model(input_ids=ids[:, split:], use_cache=False).logits.float()
+            scale = alone.abs().mean().clamp_min(1e-6)
+            pack_diff = float((packed - alone).abs().mean() / scale)
+            cross_diff = float((full[:, split:].float() - alone).abs().mean() / scale)
+            if not pack_diff <= tol:
+                raise PackingIsolationError(
+                    f"packing: sequences packed into one row see each other with {type(model).__name__} and "
+                    f"attention {getattr(model.config, '_attn_implementation', '?')}: a sequence's logits "
+                    f"differ by {pack_diff:.3g} (relative mean) from its logits alone (tolerance {tol:g}; "
+                    f"{cross_diff:.3g} with a plain causal mask). Training would leak between samples. Set "
+                    "packing: false (group_by_length: true also saves most padding), or use "
+                    "attn_implementation sdpa/eager/flash_attention_2 with a transformers model that builds "
+                    "its masks from position ids."
+                )
+        return NumericsReport(ok, loss_diff, pack_diff, cross_diff)
+    finally:
+        model.train(was_training)
