@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "generate on the test split and score base vs fine-tuned",
     ),
     "run": ("ftpipe.pipeline:run", "prepare, train, export and evaluate in one command"),
+    "estimate": (
+        "ftpipe.estimate.memory:estimate",
+        "per-GPU memory of a training run (weights, gradients, optimizer, activations) and whether it fits",
+    ),
 }
 
 #: group -> {sub-command -> (entry function import path, help)}: ``ftpipe <group> <sub-command>``.

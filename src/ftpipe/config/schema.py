@@ -214,7 +214,7 @@ class TrainConfig:
     log_every_n_steps: int = 1
     peak_tflops_per_device: float | None = None
     resume_from_checkpoint: str | None = None
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 256
     max_nonfinite_steps: int = 3
     checkpoint_dir: str | None = None
 

@@ -1,0 +1,250 @@
+"""The shape of the configured model without its weights: exact parameter counts and one decoder layer's
+structure, from the model's config.json and a build on the meta device (no memory, no download of weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ftpipe.config.schema import PipelineConfig
+from ftpipe.distributed.layers import find_decoder_layer_classes
+from ftpipe.errors import FtpipeError
+from ftpipe.model.errors import ModelLoadError
+from ftpipe.model.stats import parameter_stats
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+#: Leaf names of the projections that read a block's own result (attention output, MLP product): each
+#: reads a tensor of its own; the other linears of a block read the block's normalised input together.
+OUTPUT_PROJECTIONS = frozenset(
+    {"o_proj", "out_proj", "dense", "down_proj", "fc2", "c_proj", "w2", "wo", "dense_4h_to_h"}
+)
+
+
+class ModelConfigUnavailable(FtpipeError):
+    """The model's config.json cannot be read (offline and not cached, or a wrong id)."""
+
+
+@dataclass(frozen=True)
+class AdaptedLinear:
+    """One linear module of the decoder layer.
+
+    Attributes:
+        name: its name inside the layer (``self_attn.q_proj``).
+        in_features: input width.
+        lora_rank: LoRA rank r of its adapter (0: no adapter).
+        lora_dropout: dropout probability on the adapter input.
+        trainable: its base weight trains (full fine-tuning).
+        input_group: linears with the same group read the same input tensor (q/k/v, gate/up).
+    """
+
+    name: str
+    in_features: int
+    lora_rank: int
+    lora_dropout: float
+    trainable: bool
+    input_group: str
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything the memory estimate needs to know about the model.
+
+    Attributes:
+        architecture: the model class (``Qwen3ForCausalLM``).
+        hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size: from the
+            model's configuration.
+        total_params: every parameter (adapters included, shared ones once).
+        trainable_params: parameters that train (the adapters for LoRA).
+        base_params: parameters of the base model.
+        layer_params: parameters of the largest decoder layer (adapters included).
+        layer_trainable_params: trainable parameters of that layer.
+        root_params: parameters outside the decoder layers (embeddings, final norm, output head).
+        root_trainable_params: trainable parameters outside the decoder layers.
+        layer_class: the decoder layer class name(s).
+        linears: the linear modules of the largest decoder layer.
+        norm_elements: per token, the elements each normalisation of one layer normalises.
+        gated_mlp: the MLP multiplies an activated gate with an up projection (SwiGLU).
+    """
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    total_params: int
+    trainable_params: int
+    base_params: int
+    layer_params: int
+    layer_trainable_params: int
+    root_params: int
+    root_trainable_params: int
+    layer_class: str
+    linears: tuple[AdaptedLinear, ...]
+    norm_elements: tuple[int, ...]
+    gated_mlp: bool
+
+    @property
+    def adapter_params(self) -> int:
+        return self.total_params - self.base_params
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def _load_config(cfg: PipelineConfig):
+    from ftpipe.model.load import load_model_config
+
+    try:
+        return load_model_config(cfg)
+    except ModelLoadError as err:
+        raise ModelConfigUnavailable(
+            f"{err}. ftpipe estimate needs only the model's config.json, not its weights: put config.json "
+            "in a folder and pass that folder as --hf_model_id"
+        ) from err
+
+
+def _norm_elements(name: str, module: torch.nn.Module, shape: dict[str, int]) -> int:
+    weight = getattr(module, "weight", None)
+    n = int(weight.numel()) if weight is not None else shape["hidden"]
+    if n == shape["head_dim"]:  # per-head norms (Qwen3's q_norm / k_norm) act on every head
+        leaf = name.rsplit(".", 1)[-1].lower()
+        return shape["kv_dim"] if leaf.startswith("k") else shape["q_dim"]
+    return n
+
+
+def _input_group(name: str, in_features: int) -> str:
+    parent, _, leaf = name.rpartition(".")
+    return name if leaf in OUTPUT_PROJECTIONS else f"{parent}:{in_features}"
+
+
+def _layer_structure(
+    layer: torch.nn.Module, shape: dict[str, int]
+) -> tuple[tuple[AdaptedLinear, ...], tuple[int, ...]]:
+    linears, norms = [], []
+    lora_owned: set[str] = set()
+    for name, module in layer.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):  # a PEFT LoRA layer
+            adapters = list(module.r)
+            rank = int(module.r[adapters[0]]) if adapters else 0
+            drop = module.lora_dropout[adapters[0]] if adapters else None
+            p = float(getattr(drop, "p", 0.0) or 0.0)
+            base = module.get_base_layer()
+            linears.append(
+                AdaptedLinear(
+                    name=name,
+                    in_features=int(module.in_features),
+                    lora_rank=rank,
+                    lora_dropout=p,
+                    trainable=bool(base.weight.requires_grad),
+                    input_group=_input_group(name, int(module.in_features)),
+                )
+            )
+            lora_owned.add(name)
+        elif isinstance(module, torch.nn.Linear) and not any(
+            name.startswith(owner + ".") for owner in lora_owned
+        ):
+            linears.append(
+                AdaptedLinear(
+                    name=name,
+                    in_features=int(module.in_features),
+                    lora_rank=0,
+                    lora_dropout=0.0,
+                    trainable=bool(module.weight.requires_grad),
+                    input_group=_input_group(name, int(module.in_features)),
+                )
+            )
+        elif "norm" in type(module).__name__.lower() and not list(module.children()):
+            norms.append(_norm_elements(name, module, shape))
+    return tuple(linears), tuple(norms)
+
+
+def _is_gated(layer: torch.nn.Module, config, intermediate: int) -> bool:
+    widths = [  # the base linears only, not the adapters' lora_A / lora_B
+        m.out_features
+        for name, m in layer.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and "lora_" not in name
+        and m.out_features in (intermediate, 2 * intermediate)
+    ]
+    if widths:
+        return sum(widths) >= 2 * intermediate
+    return str(getattr(config, "hidden_act", "")).lower() in ("silu", "swiglu", "swish")
+
+
+def model_shape(cfg: PipelineConfig) -> ModelShape:
+    """Build ``cfg``'s model on the meta device (with ftpipe's LoRA when ``finetuning`` is ``lora``) and
+    read its parameter counts and decoder-layer structure.
+
+    Raises:
+        ModelConfigUnavailable: the model's configuration cannot be read; the message says to pass a
+            local folder holding config.json.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.model.lora import apply_lora
+
+    config = _load_config(cfg)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.model.trust_remote_code, attn_implementation="eager"
+        )
+        if cfg.model.finetuning == "lora":
+            model = apply_lora(model, cfg, announce=False)
+        else:
+            model.requires_grad_(True)
+    stats = parameter_stats(model)
+    classes = tuple(find_decoder_layer_classes(model, cfg.model.decoder_layer_cls))
+    layers = [m for m in model.modules() if isinstance(m, classes)]
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    outside = [p for p in model.parameters() if id(p) not in in_layers]
+    largest = max(layers, key=lambda m: sum(p.numel() for p in m.parameters()))
+    dims = {"hidden": hidden, "head_dim": head_dim, "q_dim": heads * head_dim, "kv_dim": kv_heads * head_dim}
+    linears, norms = _layer_structure(largest, dims)
+    shape = ModelShape(
+        architecture=type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=len(layers),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=int(text.vocab_size),
+        total_params=stats.total,
+        trainable_params=stats.trainable,
+        base_params=stats.base,
+        layer_params=sum(p.numel() for p in largest.parameters()),
+        layer_trainable_params=sum(p.numel() for p in largest.parameters() if p.requires_grad),
+        root_params=sum(p.numel() for p in outside),
+        root_trainable_params=sum(p.numel() for p in outside if p.requires_grad),
+        layer_class="/".join(sorted(c.__name__ for c in classes)),
+        linears=linears,
+        norm_elements=norms,
+        gated_mlp=_is_gated(largest, text, intermediate),
+    )
+    log.info(
+        "%s: %s parameters (%s trainable), %d x %s",
+        shape.architecture,
+        f"{shape.total_params:,}",
+        f"{shape.trainable_params:,}",
+        shape.num_layers,
+        shape.layer_class,
+    )
+    return shape
