@@ -335,6 +335,39 @@ def ftpipe_command(settings: Settings, variant: Variant, results: Path) -> list[
     ]
 
 
+#: What a TRL run reports about itself and the benchmark keeps in its record.
+TRL_FACTS = ("trl_num_tokens", "train_rows", "padding_free", "completion_only_loss", "gradient_checkpointing")
+
+
+def run_record(
+    settings: Settings,
+    processes: int,
+    threads: int,
+    steps: list[dict[str, Any]],
+    params: tuple[int, int],
+    peaks: Sequence[tuple[int, float]],
+    wall: float,
+    peak_tflops: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The record of one run, either side: layout, steps, losses, parameters, memory and the rates."""
+    total, trainable = params
+    return {
+        "processes": processes,
+        "threads_per_process": threads,
+        "accumulation": settings.accumulation(processes),
+        "steps": steps,
+        "first_loss": steps[0]["loss"],
+        "last_loss": steps[-1]["loss"],
+        "total_params": total,
+        "trainable_params": trainable,
+        "peak_rss_gib": [gib for _, gib in peaks],
+        **extra,
+        "wall_s": wall,
+        **run_metrics(steps, total, trainable, peak_tflops),
+    }
+
+
 def run_ftpipe(settings: Settings, variant: Variant, workdir: Path, peak_tflops: float) -> dict[str, Any]:
     """One ``ftpipe train`` run: its ``metrics.jsonl`` and ``train_summary.json`` as a run record."""
     results = workdir / "results"
@@ -352,21 +385,18 @@ def run_ftpipe(settings: Settings, variant: Variant, workdir: Path, peak_tflops:
         if "val_loss" not in r
     ]
     n = settings.ftpipe_processes
-    return {
-        "processes": n,
-        "threads_per_process": max(1, settings.cpu_count // n),
-        "accumulation": settings.accumulation(n),
-        "steps": steps,
-        "first_loss": steps[0]["loss"],
-        "last_loss": steps[-1]["loss"],
-        "total_params": summary["total_params"],
-        "trainable_params": summary["trainable_params"],
-        "peak_rss_gib": [gib for _, gib in peaks],
-        "self_reported_peak_gib": summary["peak_mem_gib_per_rank"],  # ru_maxrss per rank
-        "self_reported_mfu": summary["mfu"],
-        "wall_s": wall,
-        **run_metrics(steps, summary["total_params"], summary["trainable_params"], peak_tflops),
-    }
+    return run_record(
+        settings,
+        n,
+        max(1, settings.cpu_count // n),
+        steps,
+        (summary["total_params"], summary["trainable_params"]),
+        peaks,
+        wall,
+        peak_tflops,
+        self_reported_peak_gib=summary["peak_mem_gib_per_rank"],  # ru_maxrss per rank
+        self_reported_mfu=summary["mfu"],
+    )
 
 
 def trl_spec(settings: Settings, variant: Variant, out_dir: Path) -> dict[str, Any]:
@@ -418,26 +448,19 @@ def run_trl(settings: Settings, variant: Variant, workdir: Path, peak_tflops: fl
                 "loss": first["losses"][i] if i < len(first["losses"]) else None,
             }
         )
-    return {
-        "processes": n,
-        "threads_per_process": first["threads"],
-        "accumulation": settings.accumulation(n),
-        "steps": steps,
-        "first_loss": steps[0]["loss"],
-        "last_loss": steps[-1]["loss"],
-        "total_params": first["total_params"],
-        "trainable_params": first["trainable_params"],
-        "peak_rss_gib": [gib for _, gib in peaks],
-        "self_reported_peak_gib": [r["peak_vmhwm_gib"] for r in per_rank],  # VmHWM read in each rank
-        "self_reported_ru_maxrss_gib": [r["peak_ru_maxrss_gib"] for r in per_rank],
-        "trl_num_tokens": first["trl_num_tokens"],
-        "train_rows": first["train_rows"],
-        "padding_free": first["padding_free"],
-        "completion_only_loss": first["completion_only_loss"],
-        "gradient_checkpointing": first["gradient_checkpointing"],
-        "wall_s": wall,
-        **run_metrics(steps, first["total_params"], first["trainable_params"], peak_tflops),
-    }
+    return run_record(
+        settings,
+        n,
+        first["threads"],
+        steps,
+        (first["total_params"], first["trainable_params"]),
+        peaks,
+        wall,
+        peak_tflops,
+        self_reported_peak_gib=[r["peak_vmhwm_gib"] for r in per_rank],  # VmHWM read in each rank
+        self_reported_ru_maxrss_gib=[r["peak_ru_maxrss_gib"] for r in per_rank],
+        **{k: first[k] for k in TRL_FACTS},
+    )
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

@@ -210,8 +210,8 @@ def _device_memory(cfg: PipelineConfig, device: str) -> int | None:
 
 
 def _fsdp_buffers(shape: ModelShape, layout: Layout, cfg: PipelineConfig, precision: str) -> int:
-    w_bytes = _bytes(weight_dtype(precision))
-    p_bytes = _bytes(layout.gather_dtype)
+    w_bytes = weight_dtype(precision).itemsize
+    p_bytes = layout.gather_dtype.itemsize
     if cfg.dist.strategy == "ddp":
         return shape.trainable_params * w_bytes  # DDP's gradient buckets (a copy of the gradients)
     if layout.unsharded == "layers":  # current + prefetched layer, the root unit kept through backward
@@ -229,8 +229,8 @@ def _compute(
     cfg: PipelineConfig, shape: ModelShape, target: Target, device_memory: int | None
 ) -> MemoryEstimate:
     layout = _layout(cfg, target)
-    w_bytes = _bytes(weight_dtype(target.precision))
-    a_bytes = _bytes(compute_dtype(target.precision))
+    w_bytes = weight_dtype(target.precision).itemsize
+    a_bytes = compute_dtype(target.precision).itemsize
     shard = layout.shard_size
     weights = shape.base_params * w_bytes // shard
     lora_weights = shape.adapter_params * w_bytes // shard
@@ -284,16 +284,13 @@ def _compute(
     )
 
 
-def _bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 # ----------------------------------------------------------------------------------------------
 # what would make it fit
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
+def format_gib(n: int) -> str:
+    """GiB with two decimals; MiB below 1 GiB (the table and the advice alike)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
 def _more_gpus(cfg: PipelineConfig, shape: ModelShape, target: Target, memory: int) -> tuple[str, int] | None:
@@ -351,7 +348,7 @@ def _advice(cfg: PipelineConfig, shape: ModelShape, target: Target, memory: int)
         bf16 = dataclasses.replace(target, precision="bf16-true")
         options.append(("precision: bf16-true (bf16 frozen weights)", total(bf16, precision="bf16-true")))
     return tuple(
-        f"{text} -> {_gib(value)} ({'fits' if value <= usable else 'not enough alone'})"
+        f"{text} -> {format_gib(value)} ({'fits' if value <= usable else 'not enough alone'})"
         for text, value in options
     )
 

@@ -10,11 +10,7 @@ from rich.table import Table
 
 from ftpipe.distributed.precision import compute_dtype, weight_dtype
 from ftpipe.estimate.memory import GIB, HEADROOM, MemoryEstimate
-
-
-def _gib(n: int) -> str:
-    """GiB with two decimals; MiB below 1 GiB."""
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+from ftpipe.estimate.memory import format_gib as _gib
 
 
 def _dtype(dtype) -> str:

@@ -34,12 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ftpipe.data.tokenize import IGNORE_INDEX
 from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class PackingIsolationError(FtpipeError):

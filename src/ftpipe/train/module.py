@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.data.tokenize import IGNORE_INDEX
 from ftpipe.errors import FtpipeError
 from ftpipe.train.loss import ChunkedLossHead, check_model_numerics, shifted_token_loss_sum
 from ftpipe.train.optim import (
@@ -70,7 +71,6 @@ from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-IGNORE_INDEX = -100
 #: Key of ftpipe's own metadata in a checkpoint.
 CHECKPOINT_META_KEY = "ftpipe"
 #: Test hook: comma-separated global steps (1-based) whose loss rank 0 multiplies by NaN.
