@@ -28,13 +28,13 @@ demo: install
 	$(VENV)/bin/ftpipe run --config configs/demo.yaml
 
 test: install
-	$(VENV)/bin/ruff check src tests benchmarks sagemaker
-	$(VENV)/bin/ruff format --check src tests benchmarks sagemaker
+	$(VENV)/bin/ruff check src tests benchmarks sagemaker examples
+	$(VENV)/bin/ruff format --check src tests benchmarks sagemaker examples
 	$(PY) -m pytest -q
 
 lint:
-	$(VENV)/bin/ruff check --fix src tests benchmarks sagemaker
-	$(VENV)/bin/ruff format src tests benchmarks sagemaker
+	$(VENV)/bin/ruff check --fix src tests benchmarks sagemaker examples
+	$(VENV)/bin/ruff format src tests benchmarks sagemaker examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache

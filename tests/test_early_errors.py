@@ -246,7 +246,7 @@ def test_chat_roles_out_of_order_in_prepared_rows_fail_naming_file_and_row(token
     ]
     path = write_jsonl(tmp_path / "training.jsonl", rows)
     with pytest.raises(
-        ValueError, match=r"training\.jsonl: row id 2: message 0 has role 'assistant' where a user"
+        ValueError, match=r"training\.jsonl: row id 2: turn 0: the conversation starts with an assistant turn"
     ):
         SFTDataset(path, tokenizer, DataConfig(), name=str(path), cache_dir=str(tmp_path / "cache"))
     # a trailing user turn is fine (left out of training)

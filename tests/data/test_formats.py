@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 
 from ftpipe.config import DataConfig, PipelineConfig, validate_config
+from ftpipe.data.chat import normalize_chat_row
 from ftpipe.data.errors import BadRow, DataError
 from ftpipe.data.formats import (
     AlpacaSpec,
     apply_converter,
     detect_format,
     load_converter,
-    normalize_chat_row,
-    normalize_messages,
     render_alpaca,
     row_format,
 )
@@ -65,7 +64,7 @@ def test_without_no_input_template_the_input_template_gets_empty_optional_fields
     [
         ({"input": "", "output": "o"}, "missing:instruction"),
         ({"instruction": None, "input": "", "output": "o"}, "missing:instruction"),
-        ({"instruction": "i", "input": "", "output": 5}, "not_string:output"),
+        ({"instruction": "i", "input": "", "output": {"a": 5}}, "not_string:output"),
         ({"instruction": "i", "input": ["x"], "output": "o"}, "not_string:input"),
         ({"instruction": "i", "input": "", "output": "  \n"}, "empty:output"),
         ({"instruction": "", "input": "", "output": "o"}, "empty:instruction"),
@@ -131,14 +130,20 @@ U, A, S = "user", "assistant", "system"
         ([U, S, A], ["a", "b", "c"], "chat_role_order", "turn 1: a system turn is only allowed"),
         ([U, A], ["a", " "], "chat_empty_content", "turn 1 (assistant): empty content"),
         ([U, A], ["a", None], "chat_empty_content", "turn 1 (assistant): empty content"),
-        ([U, A], ["a", 3], "not_string:content", "turn 1: content is a int"),
-        ([U, "tool"], ["a", "b"], "chat_unknown_role", "turn 1: unknown role 'tool'"),
+        ([U, A], ["a", [3]], "not_string:content", "turn 1: content is a list"),
+        ([U, "robot"], ["a", "b"], "chat_unknown_role", "turn 1: unknown role 'robot'"),
+        (
+            [U, "tool", A],
+            ["a", "b", "c"],
+            "chat_tool_without_call",
+            "turn 1: a tool result with no tool call",
+        ),
     ],
 )
 def test_bad_chat_rows(roles, contents, reason, detail):
     turns = [{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)]
     with pytest.raises(BadRow) as err:
-        normalize_messages(turns)
+        normalize_chat_row({"messages": turns}, "messages")
     assert err.value.reason == reason
     assert detail in err.value.detail
 

@@ -78,12 +78,13 @@ def test_cli_prepares_the_demo_into_the_self_documenting_folder(alpaca_demo, tmp
     assert len(meta["settings_hash"]) == 10
     rows = all_rows(result)
     assert sorted(r["id"] for r in rows) == list(range(999))
-    assert all(set(r) == {"id", "input", "output"} for r in rows)
+    assert all(set(r) == {"id", "source", "input", "output"} for r in rows)
     source = json.loads(alpaca_demo.read_text())
     first = next(r for r in rows if r["id"] == 0)
     assert source[0]["input"] == ""
     assert first == {
         "id": 0,
+        "source": "alpaca_en_demo",
         "input": ALPACA_PROMPT_NO_INPUT.format(**source[0]),
         "output": source[0]["output"],
     }
@@ -190,7 +191,7 @@ def test_other_rank_times_out_with_a_clear_error(alpaca_demo, tmp_path, monkeypa
 BAD_LINES = [
     ({"input": "", "output": "o"}, "missing:instruction"),
     ({"instruction": "i", "input": "", "output": None}, "missing:output"),
-    ({"instruction": "i", "input": "", "output": 5}, "not_string:output"),
+    ({"instruction": "i", "input": "", "output": {"a": 5}}, "not_string:output"),
     ({"instruction": "i", "input": "", "output": " "}, "empty:output"),
     ('{"instruction": "i", "output": ', "invalid_json"),
     (b'{"instruction": "\xc3\x28", "output": "o"}', "invalid_utf8"),
@@ -249,7 +250,7 @@ def test_chat_formats_prepared_and_bad_chat_rows_counted(tmp_path):
     meta = manifest(result)
     assert meta["format"] == "messages"
     assert meta["rows_dropped"] == {"chat_empty_content": 1, "chat_role_order": 2, "chat_unknown_role": 1}
-    assert read_jsonl(result.train_file) == [{"id": 0, **chat[0]}]
+    assert read_jsonl(result.train_file) == [{"id": 0, "source": "chat", **chat[0]}]
     share = [
         {
             "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}],
@@ -270,13 +271,18 @@ def test_chat_formats_prepared_and_bad_chat_rows_counted(tmp_path):
     assert sorted(read_jsonl(result.train_file), key=lambda r: r["id"]) == [
         {
             "id": 0,
+            "source": "share",
             "messages": [
                 {"role": "system", "content": "Be exact."},
                 {"role": "user", "content": "2+2?"},
                 {"role": "assistant", "content": "4"},
             ],
         },
-        {"id": 1, "messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]},
+        {
+            "id": 1,
+            "source": "share",
+            "messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+        },
     ]
 
 
@@ -298,6 +304,7 @@ def test_field_mapping_and_custom_converter(tmp_path, monkeypatch):
     )
     assert sorted(read_jsonl(mapped.train_file), key=lambda r: r["id"])[4] == {
         "id": 4,
+        "source": "qa",
         "input": "Q: q4",
         "output": "a4",
     }
@@ -320,7 +327,7 @@ def test_field_mapping_and_custom_converter(tmp_path, monkeypatch):
         4,
     )
     assert sorted(r["id"] for r in read_jsonl(conv.train_file)) == [0, 1, 2, 4]
-    assert {"id": 2, "input": "Q: q2\nA:", "output": " a2"} in read_jsonl(conv.train_file)
+    assert {"id": 2, "source": "qa", "input": "Q: q2\nA:", "output": " a2"} in read_jsonl(conv.train_file)
 
 
 def test_missing_column_is_named_before_any_work(alpaca_demo, tmp_path):

@@ -46,7 +46,7 @@ def test_jsonl_bad_lines_found_by_line_number(tmp_path):
     [part] = load(str(path), tmp_path)
     assert part.records == 5  # the blank line is not a record
     assert part.positions == [0, 4]
-    assert part.dataset["output"] == ["a", "b"]
+    assert part.column("output") == ["a", "b"]
     assert [(p, r, part.label(p)) for p, r, _ in part.bad] == [
         (1, "invalid_json", "line 3"),
         (2, "invalid_utf8", "line 4"),
@@ -69,7 +69,7 @@ def test_json_array_with_invalid_utf8_rows_uses_0_based_rows(tmp_path):
     )
     [part] = load(str(path), tmp_path)
     assert part.records == 4
-    assert part.dataset["instruction"] == ["a", "c"]
+    assert part.column("instruction") == ["a", "c"]
     assert part.positions == [0, 3]
     assert [(part.label(p), r) for p, r, _ in part.bad] == [
         ("row 1", "invalid_utf8"),
@@ -95,7 +95,7 @@ def test_csv_parquet_comma_list_and_glob(tmp_path):
     (tmp_path / "b.csv").write_text("instruction,output\nc1,x\nc2,y\nc3,z\n")
     parts = load(f"{tmp_path}/a.parquet, {tmp_path}/b.csv", tmp_path / ".work")
     assert [(Path(p.name).name, p.records) for p in parts] == [("a.parquet", 2), ("b.csv", 3)]
-    assert parts[1].dataset["instruction"] == ["c1", "c2", "c3"]
+    assert parts[1].column("instruction") == ["c1", "c2", "c3"]
     write_jsonl(tmp_path / "c.jsonl", [ROW])
     (tmp_path / "notes.md").write_text("not data")
     globbed = resolve_source(str(tmp_path / "*"))

@@ -15,6 +15,7 @@ from ftpipe.data.tokenize import (
     ChatTemplateError,
     SFTDataset,
     encode_example,
+    encode_examples,
     encode_prompt,
     fit_to_length,
     reference_output,
@@ -177,7 +178,7 @@ def test_chat_truncation_drops_oldest_tokens_and_keeps_last_turn(tokenizer):
 
 
 @pytest.mark.timeout(30)
-def test_prefix_inconsistent_template_fails_naming_the_row(tokenizer):
+def test_history_rewriting_template_trains_one_sample_per_assistant_turn(tokenizer):
     tok = copy.deepcopy(tokenizer)
     # renders earlier assistant turns differently once a later turn exists
     tok.chat_template = (
@@ -185,7 +186,33 @@ def test_prefix_inconsistent_template_fails_naming_the_row(tokenizer):
         "{% if m.role == 'assistant' and not loop.last %}[earlier]{% else %}{{ m.content }}{% endif %}"
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    with pytest.raises(ChatTemplateError, match=r"row id 7: .*not prefix-consistent"):
+    examples, per_turn = encode_examples(tok, CHAT, DataConfig())
+    assert per_turn and len(examples) == 2
+    first, last = examples
+    # each sample: the history as the template renders it at inference, trained on its own turn only
+    assert tok.decode(first.input_ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>"
+    )
+    assert labelled_spans(tok, first.input_ids, first.labels) == ["Hello!<|im_end|>"]
+    assert tok.decode(last.input_ids).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n[earlier]"
+    )
+    assert labelled_spans(tok, last.input_ids, last.labels) == ["Goodbye!<|im_end|>"]
+    assert encode_example(tok, CHAT, DataConfig()) == last
+    assert (
+        encode_prompt(tok, CHAT, DataConfig())
+        == last.input_ids[: len(encode_prompt(tok, CHAT, DataConfig()))]
+    )
+
+
+@pytest.mark.timeout(30)
+def test_template_whose_generation_prompt_is_not_the_turn_start_fails_naming_the_row(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>model\n{% endif %}"
+    )
+    with pytest.raises(ChatTemplateError, match=r"row id 7: .*assistant turn 2 .*generation prompt"):
         encode_example(tok, CHAT, DataConfig())
 
 

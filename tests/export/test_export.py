@@ -244,3 +244,44 @@ def test_export_replaces_only_a_previous_export(lora_run, tmp_path):
     assert first.path == second.path and Path(second.checkpoint).name.startswith("step=4")
     info = json.loads((Path(second.path) / "ftpipe_export.json").read_text())
     assert info["checkpoint"] == second.checkpoint and info["kind"] == "merged"
+
+
+@pytest.mark.timeout(120)
+def test_export_keeps_the_training_chat_template_for_serving(lora_run):
+    """The exported tokenizer, loaded with plain transformers (as vLLM and the SageMaker handler load it),
+    renders a tool conversation token for token as training did."""
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from ftpipe.data.chat import normalize_chat_row
+    from ftpipe.data.tokenize import encode_example, encode_prompt
+    from ftpipe.model.tokenizer import load_tokenizer
+    from ftpipe.sagemaker import inference
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from chat_samples import OPENAI, SHAREGPT
+
+    cfg, _, _ = lora_run
+    cfg = cfg.replace(chat_template="chatml-tools")
+    out = Path(export_model(cfg).path)
+    assert (out / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+        (out / "tokenizer_config.json").read_text()
+    )
+    served = AutoTokenizer.from_pretrained(out)
+    training = load_tokenizer(cfg.model)
+    row = {"id": 0, **normalize_chat_row(SHAREGPT, "sharegpt")}
+    ex = encode_example(training, row, cfg.data.__class__(max_seq_length=4096))
+    full = served.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False)
+    assert served(full, add_special_tokens=False)["input_ids"][: len(ex.input_ids)] == ex.input_ids
+    prompt = encode_prompt(training, row, cfg.data)
+    text = served.apply_chat_template(
+        row["messages"][:-1], tools=row["tools"], add_generation_prompt=True, tokenize=False
+    )
+    assert served(text, add_special_tokens=False)["input_ids"] == prompt
+    # the SageMaker handler, given the OpenAI request of the same conversation, builds the same prompt
+    request = inference.input_fn(
+        json.dumps({"messages": OPENAI["messages"][:-1], "tools": OPENAI["tools"]}), "application/json"
+    )
+    handler_text, templated = inference._render(served, request["prompts"][0], False, request["tools"])
+    assert templated and served(handler_text, add_special_tokens=False)["input_ids"] == prompt

@@ -42,7 +42,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ftpipe.estimate.memory:estimate",
         "per-GPU memory of a training run (weights, gradients, optimizer, activations) and whether it fits",
     ),
+    "inspect": (
+        "ftpipe.data.inspect:inspect",
+        "show prepared samples as the model sees them, trained spans marked (--n, --split, --json)",
+    ),
 }
+
+#: sub-command -> import path of a dataclass of options only that command takes (its fields are flags,
+#: and the entry function gets an instance as its second argument).
+COMMAND_OPTIONS: dict[str, str] = {"inspect": "ftpipe.data.inspect:InspectOptions"}
 
 #: group -> {sub-command -> (entry function import path, help)}: ``ftpipe <group> <sub-command>``.
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
@@ -68,22 +76,34 @@ def _field_help(cls: type) -> dict[str, str]:
     return {p.arg_name: p.description or "" for p in parse_docstring(cls.__doc__ or "").params}
 
 
-def _stage_parser() -> ArgumentParser:
-    """Every configuration field as a flat flag; booleans also as ``--flag`` / ``--no_flag``."""
+def _import(target: str) -> Any:
+    module_name, name = target.split(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def _add_fields(parser: ArgumentParser, cls: type) -> None:
+    """The fields of a dataclass as flat flags; booleans also as ``--flag`` / ``--no_flag``."""
+    flags = [f for f in dataclasses.fields(cls) if f.type in (bool, "bool")]
+    parser.add_class_arguments(cls, nested_key=None, skip={f.name for f in flags})
+    helps = _field_help(cls)
+    for f in flags:
+        parser.add_argument(
+            f"--{f.name}",
+            action=ActionYesNo(no_prefix="no_"),
+            nargs="?",
+            default=f.default,
+            help=f"{helps.get(f.name, '')} (--{f.name} [true|false] or --no_{f.name}; default: {f.default})",
+        )
+
+
+def _stage_parser(options: type | None = None) -> ArgumentParser:
+    """Every configuration field (and the command's own options) as a flat flag."""
     parser = ArgumentParser(default_env=False, exit_on_error=True)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of flat field: value pairs")
     for cls in SECTIONS.values():
-        flags = [f for f in dataclasses.fields(cls) if f.type in (bool, "bool")]
-        parser.add_class_arguments(cls, nested_key=None, skip={f.name for f in flags})
-        helps = _field_help(cls)
-        for f in flags:
-            parser.add_argument(
-                f"--{f.name}",
-                action=ActionYesNo(no_prefix="no_"),
-                nargs="?",
-                default=f.default,
-                help=f"{helps.get(f.name, '')} (--{f.name} [true|false] or --no_{f.name}; default: {f.default})",
-            )
+        _add_fields(parser, cls)
+    if options is not None:
+        _add_fields(parser, options)
     parser.add_argument(
         f"--{RESUME_ALIAS}",
         type=str | None,
@@ -98,7 +118,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="ftpipe", description=__doc__.splitlines()[0])
     subcommands = parser.add_subcommands(required=True)
     for name, (_, help_text) in COMMANDS.items():
-        subcommands.add_subcommand(name, _stage_parser(), help=help_text)
+        options = _import(COMMAND_OPTIONS[name]) if name in COMMAND_OPTIONS else None
+        subcommands.add_subcommand(name, _stage_parser(options), help=help_text)
     for group, (help_text, members) in GROUPS.items():
         group_parser = ArgumentParser(description=help_text)
         subcommands.add_subcommand(group, group_parser, help=help_text)
@@ -108,45 +129,57 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def namespace_values(ns: Namespace) -> dict[str, Any]:
-    """The flat field values of one sub-command's namespace (``--resume`` folded in)."""
-    values = {k: v for k, v in ns.as_dict().items() if k not in ("config", "__path__")}
+def namespace_values(ns: Namespace, options: type | None = None) -> dict[str, Any]:
+    """The flat field values of one sub-command's namespace (``--resume`` folded in, the command's own
+    options left out)."""
+    skip = {"config", "__path__", *(f.name for f in (dataclasses.fields(options) if options else ()))}
+    values = {k: v for k, v in ns.as_dict().items() if k not in skip}
     alias = values.pop(RESUME_ALIAS, None)
     if alias is not None:
         values["resume_from_checkpoint"] = alias
     return values
 
 
-def config_from_namespace(ns: Namespace) -> PipelineConfig:
+def config_from_namespace(ns: Namespace, options: type | None = None) -> PipelineConfig:
     """The flat namespace of one sub-command -> a validated PipelineConfig."""
-    return validate_config(PipelineConfig.from_flat(namespace_values(ns)))
+    return validate_config(PipelineConfig.from_flat(namespace_values(ns, options)))
 
 
-def parse(argv: Sequence[str] | None = None) -> tuple[str, PipelineConfig]:
-    """Parse ``argv`` into (command, validated config); a group's command is ``"<group> <name>"``."""
+def parse_with_options(argv: Sequence[str] | None = None) -> tuple[str, PipelineConfig, Any]:
+    """Parse ``argv`` into (command, validated config, the command's options or None)."""
     parser = build_parser()
     ns = parser.parse_args(list(argv) if argv is not None else None)
     command = ns.subcommand
     if command in GROUPS:
         name = ns[command].subcommand
-        return f"{command} {name}", config_from_namespace(ns[command][name])
-    return command, config_from_namespace(ns[command])
+        return f"{command} {name}", config_from_namespace(ns[command][name]), None
+    options_cls = _import(COMMAND_OPTIONS[command]) if command in COMMAND_OPTIONS else None
+    cfg = config_from_namespace(ns[command], options_cls)
+    if options_cls is None:
+        return command, cfg, None
+    values = ns[command].as_dict()
+    return command, cfg, options_cls(**{f.name: values[f.name] for f in dataclasses.fields(options_cls)})
 
 
-def resolve_entry(command: str) -> Callable[[PipelineConfig], Any]:
+def parse(argv: Sequence[str] | None = None) -> tuple[str, PipelineConfig]:
+    """Parse ``argv`` into (command, validated config); a group's command is ``"<group> <name>"``."""
+    command, cfg, _ = parse_with_options(argv)
+    return command, cfg
+
+
+def resolve_entry(command: str) -> Callable[..., Any]:
     """The entry function of ``command`` (a stage, or ``"<group> <name>"``)."""
     group, _, name = command.partition(" ")
-    target = GROUPS[group][1][name][0] if name else COMMANDS[command][0]
-    module_name, func_name = target.split(":")
-    return getattr(importlib.import_module(module_name), func_name)
+    return _import(GROUPS[group][1][name][0] if name else COMMANDS[command][0])
 
 
 def run_command(argv: Sequence[str] | None = None) -> Any:
     """Parse ``argv``, log the resolved configuration and run the stage; returns the stage's result."""
     setup_logging()
-    command, cfg = parse(argv)
+    command, cfg, options = parse_with_options(argv)
     log.info("ftpipe %s with the resolved configuration:\n%s", command, config_to_yaml(cfg))
-    result = resolve_entry(command)(cfg)
+    entry = resolve_entry(command)
+    result = entry(cfg) if options is None else entry(cfg, options)
     if command in JSON_OUTPUT:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         sys.stdout.flush()

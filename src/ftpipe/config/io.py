@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ def config_to_yaml(cfg: PipelineConfig) -> str:
     """Flat YAML with one commented block per section; loadable again with ``--config``."""
     chunks = []
     for section in SECTIONS:
-        values = vars(getattr(cfg, section)).copy()
+        values = dataclasses.asdict(getattr(cfg, section))
+        if values.get("datasets"):  # entries show only what they set
+            values["datasets"] = [{k: v for k, v in e.items() if v is not None} for e in values["datasets"]]
         body = yaml.safe_dump(
             values, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100
         )

@@ -1,6 +1,7 @@
 """Self-documenting locations of prepared data and of run results.
 
-Prepared data: ``<data_dir>/<dataset id as folders>/<subset>/train=90%-val=5%-test=5%/``, with a
+Prepared data: ``<data_dir>/<dataset id as folders>/<subset>/train=90%-val=5%-test=5%/`` (a mix of
+several data sets: ``<data_dir>/mix/<first source>+<N>-more/default/...``), with a
 ``-cfg<hash>`` suffix when any other setting that changes the prepared rows differs from its default
 (template, mapping, converter, seed, subset size, ...), so a changed configuration prepares again
 into its own folder. Results: ``<results_dir>/<model id as folders>/{checkpoints,tb_logs}``.
@@ -34,6 +35,7 @@ PREPARE_FIELDS = (
     "max_samples",
     "on_bad_row",
     "text_replacements",
+    "datasets",
 )
 
 
@@ -79,7 +81,7 @@ def prepare_settings(data: DataConfig) -> dict:
     """The settings that determine the prepared rows (hashed into the manifest and the folder)."""
     values = dataclasses.asdict(data)
     return {
-        "dataset": data.dataset,
+        "dataset": None if data.datasets else data.dataset,
         "dataset_subset": data.dataset_subset,
         "ratios": [data.train_ratio, data.val_ratio, data.test_ratio],
         **{k: values[k] for k in PREPARE_FIELDS},
@@ -96,9 +98,15 @@ def prepared_data_dir(data: DataConfig) -> Path:
     """Folder of the prepared ``training/validation/test.jsonl`` for this configuration."""
     if data.prepared_dir:
         return Path(data.prepared_dir).expanduser()
-    folder = Path(data.data_dir).expanduser() / dataset_slug(data.dataset)
-    # Local data has no subsets: dataset_subset (which defaults to a hub subset) is ignored for it.
-    subset = "default" if looks_local(data.dataset) else (data.dataset_subset or "default")
+    if data.datasets:  # a mix: mix/<first source>+<n>-more (the settings hash tells mixes apart)
+        first = Path(*dataset_slug(data.datasets[0].dataset).parts[-1:])
+        more = len(data.datasets) - 1
+        folder = Path(data.data_dir).expanduser() / "mix" / (f"{first}+{more}-more" if more else str(first))
+        subset = "default"
+    else:
+        folder = Path(data.data_dir).expanduser() / dataset_slug(data.dataset)
+        # Local data has no subsets: dataset_subset (which defaults to a hub subset) is ignored for it.
+        subset = "default" if looks_local(data.dataset) else (data.dataset_subset or "default")
     folder = folder / _slug_part(subset)
     name = split_name(data)
     values, defaults = dataclasses.asdict(data), dataclasses.asdict(DataConfig())

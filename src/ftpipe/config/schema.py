@@ -47,6 +47,10 @@ class ModelConfig:
         attn_implementation: ``auto`` picks flash_attention_2 when installed and on CUDA, else sdpa.
         decoder_layer_cls: class name of the decoder layer to shard and checkpoint; found from the
             model when unset.
+        chat_template: the chat template every stage renders with (training, evaluation, the export's
+            tokenizer): a Jinja file, or the name of a template shipped with ftpipe (``chatml-tools``:
+            ChatML with tool schemas in the system turn, ``<tool_call>`` / ``<tool_response>`` tags and
+            ``<think>`` traces); unset: the tokenizer's own.
     """
 
     hf_model_id: str = "Qwen/Qwen3-8B"
@@ -56,6 +60,7 @@ class ModelConfig:
     precision: Precision = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     decoder_layer_cls: str | None = None
+    chat_template: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -73,6 +78,53 @@ class LoraConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+DataFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
+
+
+@dataclass(kw_only=True)
+class DatasetEntry:
+    """One data set of a mix (the ``datasets`` list); every unset field takes the top-level data setting.
+
+    Args:
+        dataset: hub id, local file, glob, comma-separated files or ``save_to_disk`` folder.
+        name: this source's label in the manifest, the log, the prepared rows and the evaluation
+            report (default: the file or hub name; made unique with ``-2``, ``-3``, ...).
+        dataset_subset: hub configuration name.
+        dataset_split: split of the source to read.
+        data_format: row format of this source (see ``data_format``).
+        converter: import path ``package.module:function`` for this source's rows.
+        input_template: prompt template of this source's alpaca-style rows.
+        input_template_no_input: prompt template when every optional field is empty.
+        output_template: answer template.
+        field_mapping: template field -> column of this source.
+        optional_fields: template fields that may be missing or empty.
+        text_replacements: ``{placeholder: text}`` replaced in this source's raw rows.
+        weight: relative share of this source among the weighted sources: together they form the
+            largest mix with these shares that repeats no row.
+        num_samples: exactly this many rows of this source; beyond its size every row is taken once and
+            the rest drawn again with replacement (seeded).
+    """
+
+    dataset: str = ""
+    name: str | None = None
+    dataset_subset: str | None = None
+    dataset_split: str | None = None
+    data_format: DataFormat | None = None
+    converter: str | None = None
+    input_template: str | None = None
+    input_template_no_input: str | None = None
+    output_template: str | None = None
+    field_mapping: dict[str, str] | None = None
+    optional_fields: list[str] | None = None
+    text_replacements: dict[str, str] | None = None
+    weight: float | None = None
+    num_samples: int | None = None
+
+
+#: DatasetEntry fields that are not DataConfig settings.
+MIX_ONLY_FIELDS = ("name", "weight", "num_samples")
 
 
 @dataclass(kw_only=True)
@@ -121,6 +173,13 @@ class DataConfig:
         num_workers: data loader worker processes per rank.
         text_replacements: ``{placeholder: text}`` replaced in every string value of every raw row
             before formatting (e.g. ``{"{{name}}": "Nova"}`` fills identity.json's placeholders).
+        datasets: several data sets mixed into one prepared set: a list of entries (``dataset`` plus any
+            of its own format settings, and ``weight`` or ``num_samples``); unset entry fields take the
+            top-level settings. When set, ``dataset`` is not read. Splits keep each source's share.
+        reasoning: what happens to reasoning traces of assistant turns (``reasoning_content``,
+            ``thinking`` or a leading ``<think>...</think>``): ``train`` (part of the trained answer),
+            ``drop`` (removed before rendering), ``empty_think`` (turns without a trace get an empty
+            one, rendered the way the template renders it at inference with ``enable_thinking=False``).
     """
 
     dataset: str = "cognitivecomputations/dolphin"
@@ -129,7 +188,7 @@ class DataConfig:
     data_dir: str = "datasets"
     prepared_dir: str | None = None
     prepare_per_node: bool = False
-    data_format: Literal["auto", "alpaca", "messages", "sharegpt"] = "auto"
+    data_format: DataFormat = "auto"
     converter: str | None = None
     input_template: str = ALPACA_PROMPT
     input_template_no_input: str | None = ALPACA_PROMPT_NO_INPUT
@@ -153,6 +212,31 @@ class DataConfig:
     group_by_length: bool = False
     num_workers: int = 2
     text_replacements: dict[str, str] = field(default_factory=dict)
+    datasets: list[DatasetEntry] | None = None
+    reasoning: Literal["train", "drop", "empty_think"] = "train"
+
+    def __post_init__(self) -> None:
+        if self.datasets is not None:
+            self.datasets = [_dataset_entry(i, e) for i, e in enumerate(self.datasets)]
+
+
+def _dataset_entry(index: int, value: Any) -> DatasetEntry:
+    """A ``datasets`` list item (an entry, or a mapping of its fields) as a DatasetEntry."""
+    if isinstance(value, DatasetEntry):
+        return value
+    from ftpipe.config.validate import ConfigError
+
+    if not isinstance(value, dict):
+        raise ConfigError(
+            [f"datasets[{index}]: a {type(value).__name__}; each entry is a mapping with at least 'dataset'"]
+        )
+    known = {f.name for f in dataclasses.fields(DatasetEntry)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(
+            [f"datasets[{index}].{k}: unknown field (allowed: {sorted(known)})" for k in unknown]
+        )
+    return DatasetEntry(**value)
 
 
 @dataclass(kw_only=True)

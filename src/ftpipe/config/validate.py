@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import string
 
-from ftpipe.config.schema import PipelineConfig
+from ftpipe.config.schema import DataConfig, PipelineConfig
 from ftpipe.errors import FtpipeError
+from ftpipe.templates import chat_template_problem
 
 
 class ConfigError(FtpipeError, ValueError):
@@ -35,31 +36,68 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
-def _check_templates(cfg: PipelineConfig, problems: list[str]) -> None:
-    d = cfg.data
+def _check_templates(d: DataConfig, problems: list[str], prefix: str = "") -> None:
+    """Templates, field mapping and optional fields of one source (``prefix``: ``datasets[i].``)."""
     allowed = sorted(d.field_mapping)
     templates = {"input_template": d.input_template, "output_template": d.output_template}
-    if d.input_template_no_input is not None:
+    if d.input_template_no_input is not None and d.optional_fields:  # unused without optional fields
         templates["input_template_no_input"] = d.input_template_no_input
     for name, template in templates.items():
         try:
             fields = template_fields(template)
         except ValueError as err:
-            problems.append(f"{name}: malformed template ({err}); write literal braces as {{{{ and }}}}")
+            problems.append(
+                f"{prefix}{name}: malformed template ({err}); write literal braces as {{{{ and }}}}"
+            )
             continue
         for f in fields:
             if f not in d.field_mapping:
                 problems.append(
-                    f"{name}: unknown template field {{{f}}} (allowed: the keys of field_mapping: {allowed})"
+                    f"{prefix}{name}: unknown template field {{{f}}} (allowed: the keys of field_mapping: {allowed})"
                 )
     try:
         if not template_fields(d.output_template):
-            problems.append("output_template: must contain at least one {field} placeholder")
+            problems.append(f"{prefix}output_template: must contain at least one {{field}} placeholder")
     except ValueError:
         pass
     for f in d.optional_fields:
         if f not in d.field_mapping:
-            problems.append(f"optional_fields: {f!r} is not a key of field_mapping (allowed: {allowed})")
+            problems.append(
+                f"{prefix}optional_fields: {f!r} is not a key of field_mapping (allowed: {allowed})"
+            )
+    if d.converter is not None and ":" not in d.converter:
+        problems.append(
+            f"{prefix}converter: {d.converter!r} must be an import path 'package.module:function'"
+        )
+
+
+def _check_datasets(d: DataConfig, problems: list[str]) -> None:
+    """The one ``dataset``, or every entry of the ``datasets`` mix with its own settings."""
+    from ftpipe.config.mix import source_settings
+
+    if not d.datasets:
+        if not d.dataset.strip():
+            problems.append("dataset: empty (give a hub id, a local file, a glob or a folder)")
+        _check_templates(d, problems)
+        return
+    names: dict[str, int] = {}
+    for i, (entry, spec) in enumerate(zip(d.datasets, source_settings(d), strict=True)):
+        prefix = f"datasets[{i}]."
+        if not entry.dataset.strip():
+            problems.append(f"{prefix}dataset: empty (give a hub id, a local file, a glob or a folder)")
+        if entry.weight is not None and entry.num_samples is not None:
+            problems.append(f"{prefix}weight / num_samples: give one of them, not both")
+        if entry.weight is not None and not (math.isfinite(entry.weight) and entry.weight > 0):
+            problems.append(f"{prefix}weight: {entry.weight!r} is not allowed (must be a finite number > 0)")
+        if entry.num_samples is not None and entry.num_samples <= 0:
+            problems.append(f"{prefix}num_samples: {entry.num_samples!r} is not allowed (must be > 0)")
+        if entry.name is not None:
+            if entry.name in names:
+                problems.append(
+                    f"{prefix}name: {entry.name!r} is also the name of datasets[{names[entry.name]}]"
+                )
+            names.setdefault(entry.name, i)
+        _check_templates(spec.data, problems, prefix)
 
 
 def _positive(problems: list[str], obj: object, names: list[str], allow_zero: bool = False) -> None:
@@ -79,6 +117,10 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
 
     if not m.hf_model_id.strip():
         problems.append("hf_model_id: empty (give a hub id, a local folder, or 'embedded')")
+    if m.chat_template is not None:
+        problem = chat_template_problem(m.chat_template)
+        if problem:
+            problems.append(f"chat_template: {problem}")
 
     _positive(problems, lo, ["lora_rank", "lora_alpha"])
     if not 0.0 <= lo.lora_dropout < 1.0:
@@ -97,11 +139,7 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
         )
     if d.train_ratio <= 0:
         problems.append("train_ratio: must be > 0 (there is nothing to train on)")
-    if d.converter is not None and ":" not in d.converter:
-        problems.append(f"converter: {d.converter!r} must be an import path 'package.module:function'")
-    if not d.dataset.strip():
-        problems.append("dataset: empty (give a hub id, a local file, a glob or a folder)")
-    _check_templates(cfg, problems)
+    _check_datasets(d, problems)
     _positive(problems, d, ["max_samples", "prepare_timeout_s", "max_seq_length", "pad_to_multiple_of"])
     _positive(problems, d, ["num_workers"], allow_zero=True)
     if d.packing and d.group_by_length:

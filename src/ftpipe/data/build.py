@@ -1,4 +1,5 @@
-"""Rank 0's work: format every row, drop and count bad ones, split with a seed, write the folder.
+"""Rank 0's work: format every row of every source, drop and count bad ones, mix and split with a seed,
+write the folder.
 
 Files are written to temporary names and renamed; ``.data_ready`` is written last, after every
 other file is complete and flushed, so a folder without it is never used.
@@ -7,7 +8,6 @@ other file is complete and flushed, so a folder without it is never used.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -20,11 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 
 from ftpipe.config.io import CONFIG_FILENAME, save_config
+from ftpipe.config.mix import SourceSettings
 from ftpipe.config.schema import DataConfig, PipelineConfig
+from ftpipe.data.chat import uses_tools
 from ftpipe.data.errors import BadRow, DataError, bad_row_error
 from ftpipe.data.formats import RowFormat, load_converter, replace_text, row_format
+from ftpipe.data.jsonscan import RAW_COLUMN
+from ftpipe.data.mix import SPLITS, allocate_splits, mix_targets, select_source_rows, shuffle_split
+from ftpipe.data.mix import split_counts as split_counts
 from ftpipe.data.sources import ROW_NUMBERS, Part, Source, load_parts
 from ftpipe.utils.logging import get_logger, global_rank
 
@@ -39,19 +45,41 @@ _FEATURES = datasets.Features(
         "line": datasets.Value("string"),
         "reason": datasets.Value("string"),
         "detail": datasets.Value("string"),
+        "notes": datasets.List(datasets.Value("string")),
+        "tools": datasets.Value("bool"),
     }
+)
+_COERCED_HELP = (
+    "a JSON number or boolean where text belongs (with on_bad_row: skip it is taken as its JSON text "
+    "and counted)"
 )
 
 
-def split_counts(n: int, train_ratio: float, val_ratio: float, test_ratio: float) -> dict[str, int]:
-    """Rows per split: floor for validation and test, the rest to train; a split whose ratio is
-    above 0 gets at least one row while train keeps at least one."""
-    del train_ratio  # train takes the rest
-    counts = {"validation": math.floor(n * val_ratio + 1e-9), "test": math.floor(n * test_ratio + 1e-9)}
-    for name, ratio in (("validation", val_ratio), ("test", test_ratio)):
-        if ratio > 0 and counts[name] == 0 and n - sum(counts.values()) >= 2:
-            counts[name] = 1
-    return {"train": n - counts["validation"] - counts["test"], **counts}
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of a prepared folder; None when it is missing or unreadable."""
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def drop_nested_nulls(value: Any, top: bool = True) -> Any:
+    """``value`` without null entries of the objects nested in it (a row's own columns are kept).
+
+    Arrow (Parquet, hub and save_to_disk data) gives every object in a column the same keys, filling
+    the absent ones with null, so a null there cannot mean anything of the row's own.
+    """
+    if isinstance(value, dict):
+        return {k: drop_nested_nulls(v, False) for k, v in value.items() if top or v is not None}
+    if isinstance(value, list):
+        return [drop_nested_nulls(v, False) for v in value]
+    return value
+
+
+def _raw_row(batch: dict[str, list], j: int, part: Part) -> dict[str, Any]:
+    if part.raw:
+        return json.loads(batch[RAW_COLUMN][j])
+    return drop_nested_nulls({c: batch[c][j] for c in batch})
 
 
 def _format_batch(
@@ -62,16 +90,20 @@ def _format_batch(
     part: Part,
     offset: int,
     fail: bool,
+    source: str,
     replacements: dict[str, str] | None = None,
 ) -> dict[str, list]:
-    out: dict[str, list] = {"id": [], "line": [], "reason": [], "detail": []}
-    columns = list(batch)
+    out: dict[str, list] = {"id": [], "line": [], "reason": [], "detail": [], "notes": [], "tools": []}
     for j, index in enumerate(indices):
         position = part.positions[index] if part.positions is not None else index
         row_id = offset + position
+        notes: list[str] = []
         try:
-            raw = replace_text({c: batch[c][j] for c in columns}, replacements or {})
-            line = json.dumps({"id": row_id, **fmt(raw)}, ensure_ascii=False)
+            raw = replace_text(_raw_row(batch, j, part), replacements or {})
+            record = fmt(raw, notes)
+            if notes and fail:
+                raise BadRow(notes[0], _COERCED_HELP)
+            line = json.dumps({"id": row_id, "source": source, **record}, ensure_ascii=False)
             try:
                 line.encode("utf-8")
             except UnicodeEncodeError as err:
@@ -83,31 +115,39 @@ def _format_batch(
             out["line"].append(None)
             out["reason"].append(err.reason)
             out["detail"].append(f"{part.name}: {part.label(position)}: {err.detail}")
+            out["notes"].append([])
+            out["tools"].append(False)
             continue
         out["id"].append(row_id)
         out["line"].append(line)
         out["reason"].append(None)
         out["detail"].append(None)
+        out["notes"].append(sorted(set(notes)))
+        out["tools"].append(uses_tools(record))
     return out
 
 
 @dataclass
 class Formatted:
-    """All rows formatted: one ``id/line/reason/detail`` row per loaded row."""
+    """One source's rows formatted: one ``id/line/reason/detail/notes/tools`` row per loaded row."""
 
+    name: str
     dataset: datasets.Dataset
     rows_read: int
     formats: dict[str, str]
     dropped: Counter = field(default_factory=Counter)
+    coerced: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     usable: list[int] = field(default_factory=list)
+    rows_with_tools: int = 0
 
 
-def _check_columns(part: Part, fmt: RowFormat) -> None:
-    columns = part.dataset.column_names
+def _check_columns(part: Part, fmt: RowFormat, origin: str) -> None:
+    columns = part.columns
     missing = [c for c in fmt.required_columns() if c not in columns]
     if not missing:
         return
+    where = f"{origin}: " if origin != "dataset" else ""
     if fmt.kind == "alpaca":
         assert fmt.alpaca is not None
         named = ", ".join(
@@ -117,24 +157,36 @@ def _check_columns(part: Part, fmt: RowFormat) -> None:
     else:
         named = ", ".join(repr(c) for c in missing)
         fix = "set data_format to the format of the data, or give a converter"
-    raise DataError(f"{part.name}: no column {named}; its columns are {columns}. {fix}")
+    raise DataError(f"{where}{part.name}: no column {named}; its columns are {columns}. {fix}")
 
 
-def format_parts(parts: list[Part], data: DataConfig, work_dir: Path, fail: bool, digest: str) -> Formatted:
-    """Format every row of every part with ``datasets.map``; columns are checked before any work."""
+def format_source(
+    spec: SourceSettings, parts: list[Part], work_dir: Path, fail: bool, digest: str, index: int, offset: int
+) -> Formatted:
+    """Format every row of one source's parts with ``datasets.map``; columns are checked before any work.
+
+    Row ids continue from ``offset`` (the rows of the sources before this one).
+    """
+    data = spec.data
     converter = load_converter(data.converter) if data.converter else None
-    fmts = [row_format(data, part.dataset.column_names, converter) for part in parts]
+    fmts = [row_format(data, part.columns, converter) for part in parts]
     for part, fmt in zip(parts, fmts, strict=True):
-        _check_columns(part, fmt)
-    result = Formatted(datasets.Dataset.from_dict({}), sum(p.records for p in parts), {})
-    mapped, offset = [], 0
+        _check_columns(part, fmt, spec.origin)
+    result = Formatted(spec.name, datasets.Dataset.from_dict({}), sum(p.records for p in parts), {})
+    mapped = []
     for i, (part, fmt) in enumerate(zip(parts, fmts, strict=True)):
         result.formats[part.name] = fmt.kind
         for position, reason, detail in part.bad:
             result.dropped[reason] += 1
             result.examples.setdefault(reason, f"{part.name}: {part.label(position)}: {detail}")
         fn = partial(
-            _format_batch, fmt=fmt, part=part, offset=offset, fail=fail, replacements=data.text_replacements
+            _format_batch,
+            fmt=fmt,
+            part=part,
+            offset=offset,
+            fail=fail,
+            source=spec.name,
+            replacements=data.text_replacements,
         )
         mapped.append(
             part.dataset.map(
@@ -143,23 +195,26 @@ def format_parts(parts: list[Part], data: DataConfig, work_dir: Path, fail: bool
                 with_indices=True,
                 remove_columns=part.dataset.column_names,
                 features=_FEATURES,
-                new_fingerprint=f"ftpipe-{digest}-{i}",
-                cache_file_name=str(work_dir / f"formatted-{i}.arrow"),
+                new_fingerprint=f"ftpipe-{digest}-{index}-{i}",
+                cache_file_name=str(work_dir / f"formatted-{index}-{i}.arrow"),
                 load_from_cache_file=False,
                 desc=f"ftpipe: formatting {Path(part.name).name}",
             )
         )
         offset += part.records
     result.dataset = datasets.concatenate_datasets(mapped) if mapped else result.dataset
-    index = 0
-    for batch in result.dataset.select_columns(["reason", "detail"]).iter(batch_size=8192):
-        for reason, detail in zip(batch["reason"], batch["detail"], strict=True):
+    row = 0
+    columns = ["reason", "detail", "notes", "tools"]
+    for batch in result.dataset.select_columns(columns).iter(batch_size=8192):
+        for reason, detail, notes, tools in zip(*(batch[c] for c in columns), strict=True):
             if reason is None:
-                result.usable.append(index)
+                result.usable.append(row)
+                result.coerced.update(notes)
+                result.rows_with_tools += bool(tools)
             else:
                 result.dropped[reason] += 1
                 result.examples.setdefault(reason, detail)
-            index += 1
+            row += 1
     return result
 
 
@@ -203,71 +258,175 @@ def clean_folder(folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
-def _log_dropped(result: Formatted) -> None:
+def _log_source(result: Formatted, several: bool) -> None:
+    prefix = f"{result.name}: " if several else ""
     total = sum(result.dropped.values())
-    if not total:
+    if total:
+        per_reason = ", ".join(f"{r}={n}" for r, n in sorted(result.dropped.items()))
+        log.warning(
+            "%sDropped %d of %d rows (on_bad_row: skip): %s", prefix, total, result.rows_read, per_reason
+        )
+        for reason, example in sorted(result.examples.items()):
+            log.warning("  first %s: %s", reason, example)
+    if result.coerced:
+        per_field = ", ".join(f"{r}={n}" for r, n in sorted(result.coerced.items()))
+        log.warning(
+            "%s%d rows hold a JSON number or boolean where text belongs; taken as its JSON text: %s",
+            prefix,
+            sum(result.coerced.values()),
+            per_field,
+        )
+
+
+def _no_usable_rows(result: Formatted, spec: SourceSettings) -> DataError:
+    reasons = ", ".join(f"{r}={n}" for r, n in sorted(result.dropped.items())) or "the source is empty"
+    where = f"{spec.origin} ({spec.name})" if spec.origin != "dataset" else "dataset"
+    return DataError(
+        f"{where} {spec.data.dataset!r}: no usable rows ({result.rows_read} read; dropped: {reasons}). "
+        "Check the data format, field_mapping and templates."
+    )
+
+
+def _check_tool_template(cfg: PipelineConfig, results: list[Formatted]) -> None:
+    """Rows with tools need a template that renders tools, calls and results: checked before any split is
+    written (and so before any training)."""
+    with_tools = {r.name: r.rows_with_tools for r in results if r.rows_with_tools}
+    if not with_tools:
         return
-    per_reason = ", ".join(f"{r}={n}" for r, n in sorted(result.dropped.items()))
-    log.warning("Dropped %d of %d rows (on_bad_row: skip): %s", total, result.rows_read, per_reason)
-    for reason, example in sorted(result.examples.items()):
-        log.warning("  first %s: %s", reason, example)
+    from ftpipe.data.tokenize import check_tool_template
+    from ftpipe.model.tokenizer import load_tokenizer
+
+    where = ", ".join(f"{name}: {n} rows" for name, n in with_tools.items())
+    check_tool_template(load_tokenizer(cfg.model), f"the data uses tools ({where})")
+
+
+def _select(results: list[Formatted], sources: list[SourceSettings], data: DataConfig) -> tuple[dict, list]:
+    """Global row indices (into the concatenated formatted rows) of each split, and per-source counts."""
+    sizes = [len(r.usable) for r in results]
+    targets = mix_targets(
+        sizes, [s.weight for s in sources], [s.num_samples for s in sources], data.max_samples
+    )
+    allocation = allocate_splits(targets, (data.train_ratio, data.val_ratio, data.test_ratio))
+    splits: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    repeated, base = False, 0
+    for i, result in enumerate(results):
+        chosen, again = select_source_rows(sizes[i], allocation[i], data.split_seed, i)
+        repeated |= again
+        usable = np.asarray(result.usable, dtype=np.int64) + base
+        for name in SPLITS:
+            splits[name].append(usable[chosen[name]])
+        base += len(result.dataset)
+    ordered = {}
+    for k, name in enumerate(SPLITS):
+        rows = np.concatenate(splits[name]) if splits[name] else np.empty(0, dtype=np.int64)
+        ordered[name] = shuffle_split(rows, data.split_seed, k) if (len(results) > 1 or repeated) else rows
+    return ordered, [{"rows_selected": t, "counts": a} for t, a in zip(targets, allocation, strict=True)]
+
+
+def _source_manifest(
+    spec: SourceSettings, source: Source, files: list[dict], result: Formatted, chosen: dict
+) -> dict:
+    return {
+        "dataset": spec.data.dataset,
+        "origin": spec.origin,
+        "kind": source.kind,
+        "subset": spec.data.dataset_subset if source.kind == "hub" else None,
+        "split": spec.data.dataset_split if source.kind != "files" else None,
+        "files": files,
+        "formats": result.formats,
+        "weight": spec.weight,
+        "num_samples": spec.num_samples,
+        "rows_read": result.rows_read,
+        "rows_dropped": dict(sorted(result.dropped.items())),
+        "rows_coerced": dict(sorted(result.coerced.items())),
+        "rows_usable": len(result.usable),
+        "rows_with_tools": result.rows_with_tools,
+        **chosen,
+    }
 
 
 def build_prepared(
-    cfg: PipelineConfig, source: Source, fingerprint: list[dict], settings: dict, digest: str, folder: Path
+    cfg: PipelineConfig,
+    inputs: list[tuple[SourceSettings, Source]],
+    files_of: list[list[dict]],
+    settings: dict,
+    digest: str,
+    folder: Path,
 ) -> dict:
-    """Prepare ``folder`` from the source; returns the manifest. The caller holds the folder's lock."""
+    """Prepare ``folder`` from the sources (``files_of``: each source's files with size and mtime); returns
+    the manifest. The caller holds the folder's lock."""
     data, started = cfg.data, time.time()
+    fail = data.on_bad_row == "fail"
     clean_folder(folder)
     work_dir = folder / f".work-{os.getpid()}"
     try:
-        parts = load_parts(
-            source, data.dataset_subset, data.dataset_split, work_dir, data.on_bad_row == "fail"
-        )
-        result = format_parts(parts, data, work_dir, data.on_bad_row == "fail", digest)
-        _log_dropped(result)
-        if not result.usable:
-            reasons = (
-                ", ".join(f"{r}={n}" for r, n in sorted(result.dropped.items())) or "the source is empty"
-            )
-            raise DataError(
-                f"dataset {data.dataset!r}: no usable rows ({result.rows_read} read; dropped: {reasons}). "
-                "Check the data format, field_mapping and templates."
-            )
-        usable = result.dataset.select(result.usable).shuffle(seed=data.split_seed, keep_in_memory=True)
-        selected = min(len(usable), data.max_samples or len(usable))
-        counts = split_counts(selected, data.train_ratio, data.val_ratio, data.test_ratio)
-        start = 0
+        results, offset = [], 0
+        for i, (spec, source) in enumerate(inputs):
+            d = spec.data
+            parts = load_parts(source, d.dataset_subset, d.dataset_split, work_dir / f"source-{i}", fail)
+            result = format_source(spec, parts, work_dir, fail, digest, i, offset)
+            offset += result.rows_read
+            _log_source(result, len(inputs) > 1)
+            if not result.usable:
+                raise _no_usable_rows(result, spec)
+            results.append(result)
+        _check_tool_template(cfg, results)
+        combined = datasets.concatenate_datasets([r.dataset for r in results])
+        chosen, per_source = _select(results, [spec for spec, _ in inputs], data)
         for name, filename in SPLIT_FILES.items():
-            rows = usable.select(range(start, start + counts[name])) if counts[name] else None
+            rows = combined.select(chosen[name]) if len(chosen[name]) else None
             write_atomic(folder / filename, partial(_write_split, rows))
-            start += counts[name]
-        kinds = set(result.formats.values())
+        counts = {name: len(chosen[name]) for name in SPLIT_FILES}
+        kinds = {kind for r in results for kind in r.formats.values()}
+        dropped = sum((r.dropped for r in results), Counter())
+        coerced = sum((r.coerced for r in results), Counter())
+        sources = {
+            spec.name: _source_manifest(spec, source, files, result, chosen_counts)
+            for (spec, source), files, result, chosen_counts in zip(
+                inputs, files_of, results, per_source, strict=True
+            )
+        }
+        first_spec, first_source = inputs[0]
         manifest = {
             "source": {
-                "dataset": data.dataset,
-                "kind": source.kind,
-                "subset": data.dataset_subset if source.kind == "hub" else None,
-                "split": data.dataset_split if source.kind != "files" else None,
-                "files": fingerprint,
+                "dataset": first_spec.data.dataset
+                if len(inputs) == 1
+                else [s.data.dataset for s, _ in inputs],
+                "kind": first_source.kind if len(inputs) == 1 else "mix",
+                "subset": data.dataset_subset if first_source.kind == "hub" and len(inputs) == 1 else None,
+                "split": data.dataset_split if first_source.kind != "files" and len(inputs) == 1 else None,
+                "files": [entry for files in files_of for entry in files],
             },
+            "sources": sources,
             "settings": settings,
             "settings_hash": digest,
             "format": kinds.pop() if len(kinds) == 1 else "mixed",
-            "formats": result.formats,
-            "rows_read": result.rows_read,
-            "rows_dropped": dict(sorted(result.dropped.items())),
-            "rows_usable": len(result.usable),
-            "rows_selected": selected,
+            "formats": {part: kind for r in results for part, kind in r.formats.items()},
+            "rows_read": sum(r.rows_read for r in results),
+            "rows_dropped": dict(sorted(dropped.items())),
+            "rows_coerced": dict(sorted(coerced.items())),
+            "rows_usable": sum(len(r.usable) for r in results),
+            "rows_with_tools": sum(r.rows_with_tools for r in results),
+            "rows_selected": sum(counts.values()),
             "counts": counts,
             "files": SPLIT_FILES,
-            "ids": "each line's id is the row's index in the source (files in order, unreadable rows counted)",
+            "ids": "each line's id is the row's index in the sources (sources and files in order, unreadable rows counted); source names its source",
             "row_numbers": ROW_NUMBERS,
             "prepared_by": {"rank": global_rank(), "host": socket.gethostname(), "pid": os.getpid()},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "duration_s": round(time.time() - started, 3),
             "versions": {"datasets": datasets.__version__},
         }
+        if len(inputs) > 1:
+            for name, entry in sources.items():
+                log.info(
+                    "%s: %d rows read, %d usable, %d selected: train %d, validation %d, test %d",
+                    name,
+                    entry["rows_read"],
+                    entry["rows_usable"],
+                    entry["rows_selected"],
+                    *(entry["counts"][s] for s in SPLITS),
+                )
         write_atomic(folder / MANIFEST_NAME, lambda fh: json.dump(manifest, fh, indent=2, ensure_ascii=False))
         save_config(cfg, folder)
         _fsync_dir(folder)

@@ -1,8 +1,9 @@
 """Row formats as pure functions: alpaca templates, chat normalisation and custom converters.
 
-Every function takes one raw row (a mapping of column -> value, as ``datasets`` yields it) and
-returns one prepared record, ``{"input": str, "output": str}`` or ``{"messages": [...]}``, or raises
-:class:`~ftpipe.data.errors.BadRow` with a short reason key and a readable detail.
+Every function takes one raw row (a mapping of column -> value) and returns one prepared record,
+``{"input": str, "output": str}`` or ``{"messages": [...], "tools": [...]}`` (chat rows in the internal
+form of :mod:`ftpipe.data.chat`), or raises :class:`~ftpipe.data.errors.BadRow` with a short reason key
+and a readable detail.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from ftpipe.config.schema import DataConfig
 from ftpipe.config.validate import template_fields
+from ftpipe.data.chat import as_text, normalize_chat_row
 from ftpipe.data.errors import BadRow, DataError
 
 Row = Mapping[str, Any]
@@ -21,15 +23,6 @@ Record = dict[str, Any]
 Converter = Callable[[dict[str, Any]], Any]
 
 FORMATS = ("alpaca", "messages", "sharegpt")
-CHAT_ROLES = ("system", "user", "assistant")
-#: ShareGPT ``from`` values -> chat roles.
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-}
 
 
 def detect_format(columns: Iterable[str]) -> str:
@@ -65,36 +58,36 @@ class AlpacaSpec:
             input_template=data.input_template,
             output_template=data.output_template,
             field_mapping=dict(data.field_mapping),
-            input_template_no_input=data.input_template_no_input,
+            # used only when some field is optional (it replaces input_template when they are all empty)
+            input_template_no_input=data.input_template_no_input if data.optional_fields else None,
             optional_fields=tuple(data.optional_fields),
         )
 
 
-def _field_value(row: Row, name: str, column: str, optional: bool) -> str:
-    value = row.get(column)
+def _field_value(row: Row, name: str, column: str, optional: bool, notes: list[str]) -> str:
+    where = f"field {name!r} (column {column!r})"
+    value = as_text(row.get(column), name, notes, where)
     if value is None:
         if optional:
             return ""
-        raise BadRow(f"missing:{name}", f"field {name!r} (column {column!r}) is missing or null")
-    if not isinstance(value, str):
-        raise BadRow(
-            f"not_string:{name}",
-            f"field {name!r} (column {column!r}) is a {type(value).__name__}, not a string",
-        )
+        raise BadRow(f"missing:{name}", f"{where} is missing or null")
     if not optional and not value.strip():
-        raise BadRow(f"empty:{name}", f"field {name!r} (column {column!r}) is empty")
+        raise BadRow(f"empty:{name}", f"{where} is empty")
     return value
 
 
-def render_alpaca(row: Row, spec: AlpacaSpec) -> Record:
+def render_alpaca(row: Row, spec: AlpacaSpec, notes: list[str] | None = None) -> Record:
     """One alpaca-style row -> ``{"input", "output"}`` with the templates applied.
 
     ``input_template_no_input`` (when set) is used when every optional field is empty or missing;
-    ``{{`` and ``}}`` in templates are literal braces, braces inside values are kept as they are.
+    ``{{`` and ``}}`` in templates are literal braces, braces inside values are kept as they are. A JSON
+    number or boolean in a field is taken as its JSON text and noted in ``notes`` as ``coerced:<field>``.
     """
+    notes = [] if notes is None else notes
     optional = set(spec.optional_fields)
     values = {
-        name: _field_value(row, name, spec.field_mapping[name], name in optional) for name in spec.used_fields
+        name: _field_value(row, name, spec.field_mapping[name], name in optional, notes)
+        for name in spec.used_fields
     }
     template = spec.input_template
     if spec.input_template_no_input is not None and optional and all(not values[f].strip() for f in optional):
@@ -103,77 +96,6 @@ def render_alpaca(row: Row, spec: AlpacaSpec) -> Record:
     if not output.strip():
         raise BadRow("empty_output", "the rendered output is empty")
     return {"input": template.format_map(values), "output": output}
-
-
-def _check_role_order(messages: list[dict[str, str]]) -> None:
-    expected = "user"
-    for i, msg in enumerate(messages):
-        role = msg["role"]
-        if role == "system":
-            if i != 0:
-                raise BadRow("chat_role_order", f"turn {i}: a system turn is only allowed as the first turn")
-            continue
-        if role != expected:
-            first = i == 0 or (i == 1 and messages[0]["role"] == "system")
-            what = "the conversation starts with an assistant turn" if first else f"two {role} turns in a row"
-            raise BadRow("chat_role_order", f"turn {i}: {what} (turns must alternate user, assistant, ...)")
-        expected = "assistant" if role == "user" else "user"
-    if messages[-1]["role"] != "assistant":
-        raise BadRow(
-            "chat_role_order",
-            f"the last turn is a {messages[-1]['role']} turn (must be assistant: it is what the model learns)",
-        )
-
-
-def normalize_messages(
-    turns: Any,
-    *,
-    role_key: str = "role",
-    content_key: str = "content",
-    role_names: Mapping[str, str] | None = None,
-) -> list[dict[str, str]]:
-    """Chat turns -> ``[{"role": system|user|assistant, "content": str}, ...]``, checked.
-
-    ``role_names`` maps the data's role names to chat roles (ShareGPT ``human``/``gpt``); without it
-    the roles must already be system/user/assistant. Extra keys of a turn are dropped.
-    """
-    if not isinstance(turns, list) or not turns:
-        raise BadRow("chat_no_messages", "the conversation is missing, empty or not a list of turns")
-    names = role_names if role_names is not None else {r: r for r in CHAT_ROLES}
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, Mapping):
-            raise BadRow("chat_bad_turn", f"turn {i} is a {type(turn).__name__}, not an object")
-        raw_role = turn.get(role_key)
-        role = names.get(raw_role) if isinstance(raw_role, str) else None
-        if role is None:
-            raise BadRow(
-                "chat_unknown_role", f"turn {i}: unknown {role_key} {raw_role!r} (allowed: {sorted(names)})"
-            )
-        content = turn.get(content_key)
-        if content is not None and not isinstance(content, str):
-            raise BadRow("not_string:content", f"turn {i}: {content_key} is a {type(content).__name__}")
-        if content is None or not content.strip():
-            raise BadRow("chat_empty_content", f"turn {i} ({role}): empty {content_key}")
-        messages.append({"role": role, "content": content})
-    _check_role_order(messages)
-    return messages
-
-
-def normalize_chat_row(row: Row, data_format: str) -> Record:
-    """A ``messages`` (role/content) or ShareGPT ``conversations`` (from/value) row -> ``{"messages"}``.
-
-    A ShareGPT row's top-level ``system`` string becomes the first turn when there is none.
-    """
-    if data_format == "messages":
-        return {"messages": normalize_messages(row.get("messages"))}
-    messages = normalize_messages(
-        row.get("conversations"), role_key="from", content_key="value", role_names=SHAREGPT_ROLES
-    )
-    system = row.get("system")
-    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
-    return {"messages": messages}
 
 
 def load_converter(path: str) -> Converter:
@@ -192,7 +114,7 @@ def load_converter(path: str) -> Converter:
     return func
 
 
-def apply_converter(func: Converter, row: Row) -> Record:
+def apply_converter(func: Converter, row: Row, notes: list[str] | None = None) -> Record:
     """Run a custom converter on one row and check what it returned."""
     try:
         result = func(dict(row))
@@ -201,7 +123,7 @@ def apply_converter(func: Converter, row: Row) -> Record:
     if result is None:
         raise BadRow("converter_dropped", "the converter returned None", fatal=False)
     if isinstance(result, Mapping) and "messages" in result:
-        return {"messages": normalize_messages(result["messages"])}
+        return normalize_chat_row(result, "messages", notes)
     if isinstance(result, Mapping) and {"input", "output"} <= set(result):
         text_in, text_out = result["input"], result["output"]
         if not isinstance(text_in, str) or not isinstance(text_out, str):
@@ -223,12 +145,13 @@ class RowFormat:
     alpaca: AlpacaSpec | None = None
     converter: Converter | None = None
 
-    def __call__(self, row: Row) -> Record:
+    def __call__(self, row: Row, notes: list[str] | None = None) -> Record:
+        """The record of ``row``; ``notes`` collects what was changed on the way (``coerced:<field>``)."""
         if self.kind == "converter" and self.converter is not None:
-            return apply_converter(self.converter, row)
+            return apply_converter(self.converter, row, notes)
         if self.kind == "alpaca" and self.alpaca is not None:
-            return render_alpaca(row, self.alpaca)
-        return normalize_chat_row(row, self.kind)
+            return render_alpaca(row, self.alpaca, notes)
+        return normalize_chat_row(row, self.kind, notes)
 
     def required_columns(self) -> list[str]:
         """Columns that must exist in the data set for this format."""

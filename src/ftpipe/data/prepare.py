@@ -15,11 +15,12 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ftpipe.config.mix import SourceSettings, source_settings
 from ftpipe.config.paths import prepare_settings, prepared_data_dir, settings_hash
 from ftpipe.config.schema import PipelineConfig
-from ftpipe.data.build import MANIFEST_NAME, READY_MARKER, SPLIT_FILES, build_prepared
+from ftpipe.data.build import READY_MARKER, SPLIT_FILES, build_prepared, read_manifest
 from ftpipe.data.errors import DataError, PrepareTimeoutError
-from ftpipe.data.sources import resolve_source, source_fingerprint
+from ftpipe.data.sources import Source, resolve_source, source_fingerprint
 from ftpipe.utils.logging import get_logger, global_rank
 
 log = get_logger(__name__)
@@ -54,13 +55,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: line {lineno}: unparsable JSON ({err.msg})") from err
     return rows
-
-
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _result(folder: Path, manifest: dict, reused: bool) -> PreparedData:
@@ -103,9 +97,31 @@ def check_prepared(
     return manifest, None
 
 
+def _resolve_sources(cfg: PipelineConfig) -> list[tuple[SourceSettings, Source]]:
+    """Each configured source resolved; a missing local path is a DataError naming the entry."""
+    resolved = []
+    for spec in source_settings(cfg.data):
+        try:
+            resolved.append((spec, resolve_source(spec.data.dataset)))
+        except DataError as err:
+            if spec.origin == "dataset":
+                raise
+            raise DataError(f"{spec.origin} ({spec.name}): {err}") from err
+    return resolved
+
+
+def _fingerprints(resolved: list[tuple[SourceSettings, Source]]) -> list[list[dict]]:
+    """Each source's files with their size and mtime."""
+    return [source_fingerprint(source) for _, source in resolved]
+
+
+def _flat(fingerprints: list[list[dict]]) -> list[dict]:
+    return [entry for files in fingerprints for entry in files]
+
+
 def _prepare_rank0(cfg: PipelineConfig, folder: Path) -> PreparedData:
     data = cfg.data
-    source = resolve_source(data.dataset)
+    resolved = _resolve_sources(cfg)
     settings = prepare_settings(data)
     digest = settings_hash(settings)
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,15 +135,16 @@ def _prepare_rank0(cfg: PipelineConfig, folder: Path) -> PreparedData:
             "wait for it, raise prepare_timeout_s, or delete the lock file if no ftpipe process is running"
         ) from err
     try:
-        fingerprint = source_fingerprint(source)
-        manifest, why = check_prepared(folder, digest, fingerprint)
+        fingerprints = _fingerprints(resolved)
+        manifest, why = check_prepared(folder, digest, _flat(fingerprints))
         if manifest is not None:
             log.info("Reusing prepared data in %s (same settings %s, source unchanged)", folder, digest)
             return _result(folder, manifest, reused=True)
         if why:
             log.info("Preparing again: %s", why)
-        log.info("Preparing %s into %s", data.dataset, folder)
-        manifest = build_prepared(cfg, source, fingerprint, settings, digest, folder)
+        names = ", ".join(spec.data.dataset for spec, _ in resolved)
+        log.info("Preparing %s into %s", names, folder)
+        manifest = build_prepared(cfg, resolved, fingerprints, settings, digest, folder)
         return _result(folder, manifest, reused=False)
     finally:
         lock.release()
@@ -137,7 +154,7 @@ def _wait_ready(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
     """Poll for rank 0's marker (no process group); a clear error after ``prepare_timeout_s``."""
     digest = settings_hash(prepare_settings(cfg.data))
     try:
-        fingerprint: list[dict] | None = source_fingerprint(resolve_source(cfg.data.dataset))
+        fingerprint: list[dict] | None = _flat(_fingerprints(_resolve_sources(cfg)))
     except (DataError, OSError):
         fingerprint = None  # the source may live only on rank 0's machine
     timeout = cfg.data.prepare_timeout_s

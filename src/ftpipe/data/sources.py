@@ -1,25 +1,30 @@
 """Where the raw rows come from: a hub id, local files (a file, a glob, comma-separated files, a folder
-of files) or a ``save_to_disk`` folder; all loaded with ``datasets``.
+of files) or a ``save_to_disk`` folder.
 
-Row numbers in messages are the user's: 1-based line numbers for JSON Lines, 0-based row indices
-for JSON arrays, CSV (header excluded), Parquet, hub and ``save_to_disk`` data.
+JSON, JSON Lines and CSV files are read row by row so that every value keeps its own type
+(``ftpipe.data.jsonscan``); Parquet, Arrow, text, hub and ``save_to_disk`` data are loaded with
+``datasets`` and keep the types of their schema. Row numbers in messages are the user's: 1-based line
+numbers for JSON Lines, 0-based row indices for JSON arrays, CSV (header excluded), Parquet, hub and
+``save_to_disk`` data.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import datasets
 
 from ftpipe.config.paths import looks_local
 from ftpipe.data.errors import DataError
-from ftpipe.data.jsonscan import BadRecord, json_layout, scan_json_array, scan_json_lines
+from ftpipe.data.jsonscan import RAW_COLUMN, SCANNERS, BadRecord, scan_file
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -66,6 +71,21 @@ class Part:
     label: Callable[[int], str] = field(default=lambda position: f"row {position}")
     #: records that could not be read at all (position, reason, detail).
     bad: list[BadRecord] = field(default_factory=list)
+    #: the data set's one column holds each row's JSON text (read exactly, see ``jsonscan``); otherwise
+    #: its columns are the rows' fields as Arrow typed them (Parquet, Arrow, hub and save_to_disk data).
+    raw: bool = False
+    #: the rows' fields (for a raw part: every key seen in a row).
+    columns: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.columns and not self.raw:
+            self.columns = list(self.dataset.column_names)
+
+    def column(self, name: str) -> list[Any]:
+        """One field of every loaded row, in order (None where a row lacks it)."""
+        if not self.raw:
+            return list(self.dataset[name])
+        return [json.loads(text).get(name) for text in self.dataset[RAW_COLUMN]]
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -199,24 +219,16 @@ def _load_file_with(builder: str, file: Path, cache_dir: Path, shown: Path) -> d
 
 
 def _load_file(path: Path, work_dir: Path, fail: bool) -> Part:
-    builder = BUILDERS[path.suffix.lower()]
-    cache, clean = work_dir / "cache", work_dir / "clean"
-    if builder != "json":
-        return Part(str(path), ds := _load_file_with(builder, path, cache, path), len(ds))
-    if path.suffix.lower() == ".jsonl" or json_layout(path) == "lines":
-        scan = scan_json_lines(path, clean, fail)
-    else:
-        try:
-            return Part(str(path), ds := _load_file_with("json", path, cache, path), len(ds))
-        except DataError as err:
-            log.info("%s: datasets could not load it whole (%s); checking it row by row", path, err.__cause__)
-            scan = scan_json_array(path, clean, fail)
-    ds = _load_file_with("json", scan.clean_file or path, cache, path)
-    if len(ds) != len(scan.good):  # pragma: no cover - would make row numbers wrong
-        raise DataError(
-            f"{path}: datasets read {len(ds)} rows where {len(scan.good)} readable records were found"
+    suffix = path.suffix.lower()
+    if suffix == ".json" or suffix in SCANNERS:
+        scan = scan_file(path, work_dir / "raw", fail)
+        assert scan.arrow_file is not None
+        ds = datasets.Dataset.from_file(str(scan.arrow_file))
+        return Part(
+            str(path), ds, scan.records, scan.good, scan.label, scan.bad, raw=True, columns=scan.columns
         )
-    return Part(str(path), ds, scan.records, scan.good, scan.label, scan.bad)
+    builder = BUILDERS[suffix]
+    return Part(str(path), ds := _load_file_with(builder, path, work_dir / "cache", path), len(ds))
 
 
 def load_parts(source: Source, subset: str | None, split: str, work_dir: Path, fail: bool) -> list[Part]:

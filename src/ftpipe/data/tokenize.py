@@ -1,7 +1,9 @@
 """Tokenization for supervised fine-tuning: prompt tokens are masked, only answers count in the loss.
 
 Prepared rows come in two shapes: ``{"id", "input", "output"}`` (an alpaca prompt, template already
-applied, and its answer) and ``{"id", "messages": [{"role", "content"}, ...]}`` (chat). The pure
+applied, and its answer) and ``{"id", "messages": [...], "tools": [...]}`` (chat, in the internal form
+of :mod:`ftpipe.data.chat`; rendering with tools and reasoning traces is in :mod:`ftpipe.data.render`).
+Prepared files are read line by line (:func:`load_jsonl_rows`), so values keep their types. The pure
 functions here turn one row into token ids; ``encode_prompt`` is what evaluation uses, so a prompt is
 built exactly as training built it. ``SFTDataset`` tokenizes a prepared JSONL file once, eagerly.
 
@@ -22,10 +24,11 @@ Choices:
   masked context, and after the final turn it is left out. Labels are never derived from the pad
   id, so EOS keeps its label when pad == EOS.
 * **Chat rows** are rendered with the tokenizer's chat template incrementally: for each assistant
-  turn, the conversation before it with ``add_generation_prompt=True`` (masked), then the turn itself
-  (labelled). The pieces must add up to the full rendering; a template that renders earlier turns
-  differently once later turns exist is refused with an error naming the row. Messages after the
-  last assistant turn teach nothing and are left out.
+  turn (tool calls included), the conversation before it with ``add_generation_prompt=True`` (masked:
+  system, user and tool turns), then the turn itself (labelled). The pieces must add up to the full
+  rendering; a template that renders earlier turns differently once later turns exist (one that
+  strips reasoning from history) trains each assistant turn as its own sample instead, its history
+  rendered as at inference. Messages after the last assistant turn teach nothing and are left out.
 * **Truncation to max_len.** The prompt (for chat: everything before the final assistant turn,
   oldest tokens first) is cut from the LEFT and the answer kept whole, as long as the answer leaves
   at least ``max_len // 4`` tokens (``MIN_PROMPT_FRACTION``; at least 1) for the prompt, or the whole
@@ -42,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +54,21 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import Dataset
 
 from ftpipe.config.schema import DataConfig
-from ftpipe.errors import FtpipeError
+from ftpipe.data import render as render_module
+from ftpipe.data.chat import ROLES, check_role_order, uses_tools
+from ftpipe.data.errors import BadRow
+from ftpipe.data.jsonscan import RAW_COLUMN
+from ftpipe.data.render import (  # ChatTemplateError: re-exported, part of this module's interface
+    ChatTemplateError,  # noqa: F401
+    apply_reasoning,
+    chat_pieces,
+    check_tool_template,
+    model_name,
+    render,
+    renders_reasoning,
+    require_chat_template,
+    template_kwargs,
+)
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -63,21 +81,20 @@ log = get_logger(__name__)
 IGNORE_INDEX = -100
 #: Share of max_len that a prompt keeps (when it is that long) before the answer is cut instead.
 MIN_PROMPT_FRACTION = 0.25
-ROLES = ("system", "user", "assistant")
-
-
-class ChatTemplateError(FtpipeError, ValueError):
-    """The tokenizer has no chat template, or its template cannot be rendered turn by turn."""
 
 
 @dataclass(frozen=True)
 class EncodedExample:
-    """One tokenized sample: ``labels`` is ``input_ids`` with non-trained positions set to -100."""
+    """One tokenized sample: ``labels`` is ``input_ids`` with non-trained positions set to -100.
+
+    ``full_length`` is the sample's length before it was fitted to ``max_len``.
+    """
 
     input_ids: list[int]
     labels: list[int]
     prompt_truncated: bool = False
     output_cut: bool = False
+    full_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,9 @@ class TokenizationStats:
     dropped: int = 0
     tokens: int = 0
     label_tokens: int = 0
+    #: conversations trained one assistant turn per sample (their template rewrites the history).
+    per_turn_rows: int = 0
+    per_turn_samples: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -103,22 +123,6 @@ class TokenizationStats:
 def is_chat_row(row: Mapping[str, Any]) -> bool:
     """True for a ``messages`` row, False for an ``input``/``output`` row."""
     return row.get("messages") is not None
-
-
-def _model_name(tokenizer: PreTrainedTokenizerBase) -> str:
-    return tokenizer.name_or_path or type(tokenizer).__name__
-
-
-def require_chat_template(tokenizer: PreTrainedTokenizerBase, reason: str) -> None:
-    """Raise ChatTemplateError naming the model when ``tokenizer`` has no chat template."""
-    if getattr(tokenizer, "chat_template", None):
-        return
-    raise ChatTemplateError(
-        f"the tokenizer of {_model_name(tokenizer)} has no chat template, but {reason}. "
-        "Set use_chat_template: false (plain prompts) and prepare the data in alpaca format "
-        "(data_format: alpaca), use a model whose tokenizer has a chat template (an instruct model), "
-        "or give the tokenizer one (tokenizer.chat_template = ...)."
-    )
 
 
 def _first_row(path: Path) -> Mapping[str, Any] | None:
@@ -134,13 +138,22 @@ def _first_row(path: Path) -> Mapping[str, Any] | None:
     return None
 
 
+def _manifest_tools(folder: Path) -> int:
+    """Rows with tools according to a prepared folder's manifest (0 when unknown)."""
+    from ftpipe.data.build import read_manifest
+
+    count = (read_manifest(folder) or {}).get("rows_with_tools", 0)
+    return count if isinstance(count, int) else 0
+
+
 def check_chat_template_early(
     tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig, files: Sequence[str | os.PathLike] = ()
 ) -> None:
     """Raise ChatTemplateError before any long work when the data needs a chat template the tokenizer lacks.
 
     ``use_chat_template`` needs one; so do chat rows, seen in the first row of each existing ``files``
-    (prepared splits hold one kind of row). Cheap: the training stage calls it (through the data
+    (prepared splits hold one kind of row); rows with tools (the prepared folder's manifest says how
+    many) need a template that renders them. Cheap: the training stage calls it (through the data
     module) before the training processes start and before model weights load.
     """
     if data_cfg.use_chat_template:
@@ -149,89 +162,64 @@ def check_chat_template_early(
         row = _first_row(path) if path.is_file() else None
         if row is not None and is_chat_row(row):
             require_chat_template(tokenizer, f"the data has chat rows (messages), e.g. {path}")
+    folders = {Path(f).parent for f in files}
+    with_tools = sum(_manifest_tools(folder) for folder in folders)
+    if with_tools:
+        check_tool_template(tokenizer, f"the data uses tools ({with_tools} rows)")
 
 
 def _row_name(row: Mapping[str, Any]) -> str:
     return f"row id {row['id']}" if row.get("id") is not None else "row"
 
 
-def _clean_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The row's messages as plain dicts, keys holding None dropped (Arrow fills absent keys with None)."""
+def _clean_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The row's messages as plain dicts (keys holding None dropped), checked by the one role-order rule.
+
+    ``ftpipe prepare`` drops (or, with ``on_bad_row: fail``, reports) rows out of order; this catches them
+    in data given as ``prepared_dir``. Trailing user or tool turns are allowed (left out of training).
+    """
     messages = []
     for i, message in enumerate(row["messages"]):
         msg = {k: v for k, v in dict(message).items() if v is not None}
-        if msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
+        role, content = msg.get("role"), msg.get("content", "" if msg.get("tool_calls") else None)
+        if role not in ROLES or not isinstance(content, str):
             raise ValueError(
                 f"{_row_name(row)}: message {i} needs a role in {ROLES} and text content, got {message!r}"
             )
+        msg["content"] = content
         messages.append(msg)
-    _check_role_order(row, messages)
+    try:
+        check_role_order(messages, final_answer=False)
+    except BadRow as err:
+        raise ValueError(
+            f"{_row_name(row)}: {err.detail}. Fix the row, or prepare the data with `ftpipe prepare` (it "
+            "drops such rows and counts them)"
+        ) from None
     return messages
 
 
-def _check_role_order(row: Mapping[str, Any], messages: list[dict[str, str]]) -> None:
-    """An optional first system turn, then user and assistant turns alternating from user.
-
-    ``ftpipe prepare`` drops (or, with ``on_bad_row: fail``, reports) such rows; this catches them in
-    data given as ``prepared_dir``. A trailing user turn is allowed (it is left out of training).
-    """
-    expected = "user"
-    for i, msg in enumerate(messages):
-        role = msg["role"]
-        if role == "system" and i == 0:
-            continue
-        if role != expected:
-            raise ValueError(
-                f"{_row_name(row)}: message {i} has role {role!r} where a {expected} turn belongs; turns must be an "
-                "optional first system turn, then user and assistant alternating from user. Fix the row, or "
-                "prepare the data with `ftpipe prepare` (it drops such rows and counts them)"
-            )
-        expected = "assistant" if role == "user" else "user"
-
-
-def _with_system(messages: list[dict[str, str]], data_cfg: DataConfig) -> list[dict[str, str]]:
+def _with_system(messages: list[dict[str, Any]], data_cfg: DataConfig) -> list[dict[str, Any]]:
     """Prepend ``system_prompt`` when set and the conversation has no system message of its own."""
     if data_cfg.system_prompt and not (messages and messages[0]["role"] == "system"):
         return [{"role": "system", "content": data_cfg.system_prompt}, *messages]
     return messages
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation: bool) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
+def _render_args(
+    tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], data_cfg: DataConfig
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(messages ready for the template, keyword arguments of ``render``) of a chat row."""
+    messages = _with_system(_clean_messages(row), data_cfg)
+    messages = apply_reasoning(messages, data_cfg, renders_reasoning(tokenizer))
+    return messages, {"tools": row.get("tools") or None, "kwargs": template_kwargs(data_cfg)}
 
 
 def chat_segments(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, row_name: str = "row"
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], *, row_name: str = "row"
 ) -> list[tuple[str, bool]]:
-    """The chat rendering up to the last assistant turn as ``(text, is_assistant_turn)`` pieces.
-
-    Each assistant turn is preceded by the rendering of the conversation before it with the
-    generation prompt; the pieces concatenate to the full rendering of ``messages`` up to and including
-    the last assistant turn, which is checked. No assistant turn: an empty list.
-    """
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return []
-    segments: list[tuple[str, bool]] = []
-    done = ""
-    for i in range(last + 1):
-        if messages[i]["role"] != "assistant":
-            continue
-        prefix = _render(tokenizer, messages[:i], generation=True) if i else ""
-        full = _render(tokenizer, messages[: i + 1], generation=False)
-        if not (prefix.startswith(done) and full.startswith(prefix)):
-            raise ChatTemplateError(
-                f"{row_name}: the chat template of {_model_name(tokenizer)} is not prefix-consistent: "
-                f"rendering the conversation up to message {i} does not extend the rendering of the "
-                "turns before it (the template rewrites earlier turns, e.g. strips reasoning from "
-                "earlier assistant turns). Train on single-turn rows, or give the tokenizer a template "
-                "that renders each turn the same whatever follows it."
-            )
-        segments += [(prefix[len(done) :], False), (full[len(prefix) :], True)]
-        done = full
-    if "".join(text for text, _ in segments) != done:  # pragma: no cover - implied by the checks above
-        raise ChatTemplateError(f"{row_name}: chat pieces do not add up to the full rendering")
-    return [(text, trained) for text, trained in segments if text]
+    """The pieces of a conversation that trains in one sample (see :func:`ftpipe.data.render.chat_pieces`)."""
+    pieces = chat_pieces(tokenizer, messages, row_name=row_name)
+    return pieces.samples[0] if pieces.samples else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +257,7 @@ def _require_text(row: Mapping[str, Any], key: str) -> str:
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError(
-            f"the tokenizer of {_model_name(tokenizer)} has no EOS token, so answers cannot end; "
+            f"the tokenizer of {model_name(tokenizer)} has no EOS token, so answers cannot end; "
             "give it one (tokenizer.eos_token = ...)"
         )
     return tokenizer.eos_token_id
@@ -283,21 +271,19 @@ def _alpaca_prompt_ids(
         return _plain_prompt_ids(tokenizer, text)
     require_chat_template(tokenizer, "use_chat_template is true")
     messages = _with_system([{"role": "user", "content": text}], data_cfg)
-    return _text_ids(tokenizer, _render(tokenizer, messages, generation=True))
+    return _text_ids(
+        tokenizer, render(tokenizer, messages, generation=True, kwargs=template_kwargs(data_cfg))
+    )
 
 
-def _chat_parts(
-    tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], data_cfg: DataConfig
-) -> tuple[list[int], list[int], list[int], list[int]] | None:
-    """(context ids, context labels, final answer ids, final answer labels); None without an assistant turn."""
-    require_chat_template(tokenizer, "the data has chat rows (messages)")
-    eos = _eos_id(tokenizer)
-    segments = chat_segments(tokenizer, _with_system(_clean_messages(row), data_cfg), row_name=_row_name(row))
-    if not segments:
-        return None
+#: (context ids, context labels, answer ids, answer labels) of one sample before fitting.
+Parts = tuple[list[int], list[int], list[int], list[int]]
+
+
+def _pieces_to_parts(tokenizer: PreTrainedTokenizerBase, pieces: list[tuple[str, bool]], eos: int) -> Parts:
     ctx_ids: list[int] = []
     ctx_labels: list[int] = []
-    for text, trained in segments[:-1]:
+    for text, trained in pieces[:-1]:
         ids = _text_ids(tokenizer, text)
         ctx_ids += ids
         if trained and eos in ids:  # the turn up to its EOS is learned, the template's glue after is not
@@ -305,9 +291,21 @@ def _chat_parts(
             ctx_labels += ids[:end] + [IGNORE_INDEX] * (len(ids) - end)
         else:
             ctx_labels += ids if trained else [IGNORE_INDEX] * len(ids)
-    answer = _text_ids(tokenizer, segments[-1][0])
+    answer = _text_ids(tokenizer, pieces[-1][0])
     answer = answer[: len(answer) - answer[::-1].index(eos)] if eos in answer else [*answer, eos]
     return ctx_ids, ctx_labels, answer, list(answer)
+
+
+def _chat_samples(
+    tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], data_cfg: DataConfig
+) -> tuple[list[Parts], bool]:
+    """The samples of a chat row (one, or one per assistant turn for a history-rewriting template), and
+    whether the row was split per turn; no samples without an assistant turn."""
+    require_chat_template(tokenizer, "the data has chat rows (messages)")
+    eos = _eos_id(tokenizer)
+    messages, args = _render_args(tokenizer, row, data_cfg)
+    pieces = chat_pieces(tokenizer, messages, row_name=_row_name(row), **args)
+    return [_pieces_to_parts(tokenizer, p, eos) for p in pieces.samples], pieces.per_turn
 
 
 def encode_prompt(
@@ -316,23 +314,40 @@ def encode_prompt(
     """The generation prompt of ``row``, token for token as training builds it (not truncated).
 
     Alpaca rows: the ``input`` text (through the chat template when ``use_chat_template``). Chat rows:
-    every turn before the last assistant turn, with the template's generation prompt.
+    every turn before the last assistant turn, with the row's tools and the template's generation prompt.
     """
     if not is_chat_row(row):
         return _alpaca_prompt_ids(tokenizer, row, data_cfg)
-    parts = _chat_parts(tokenizer, row, data_cfg)
-    if parts is None:  # no answer in the row: the whole conversation is the prompt
-        messages = _with_system(_clean_messages(row), data_cfg)
-        return _text_ids(tokenizer, _render(tokenizer, messages, generation=True))
-    return parts[0]
+    samples, _ = _chat_samples(tokenizer, row, data_cfg)
+    if not samples:  # no answer in the row: the whole conversation is the prompt
+        messages, args = _render_args(tokenizer, row, data_cfg)
+        return _text_ids(tokenizer, render(tokenizer, messages, generation=True, **args))
+    return samples[-1][0]
+
+
+def final_assistant(row: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The last assistant message of a chat row (None without one)."""
+    answers = [m for m in row.get("messages") or () if m.get("role") == "assistant"]
+    return answers[-1] if answers else None
+
+
+def reference_tool_calls(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """``[{"name", "arguments"}]`` of the final assistant turn's tool calls; None when it calls none."""
+    answer = final_assistant(row) if is_chat_row(row) else None
+    calls = (answer or {}).get("tool_calls")
+    if not calls:
+        return None
+    return [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls]
 
 
 def reference_output(row: Mapping[str, Any]) -> str:
-    """The answer a row teaches: ``output``, or the content of the last assistant turn."""
+    """The answer a row teaches: ``output``, or the content of the last assistant turn followed by its
+    tool calls, one ``{"name": ..., "arguments": ...}`` JSON object per line (the trace left out)."""
     if not is_chat_row(row):
         return _require_text(row, "output")
-    answers = [m["content"] for m in row["messages"] if m.get("role") == "assistant"]
-    return answers[-1] if answers else ""
+    answer = final_assistant(row) or {}
+    calls = [json.dumps(c, ensure_ascii=False) for c in reference_tool_calls(row) or []]
+    return "\n".join([t for t in [answer.get("content") or ""] if t] + calls)
 
 
 def fit_to_length(
@@ -370,7 +385,41 @@ def fit_to_length(
         labels=labels,
         prompt_truncated=n_keep_ctx < n_ctx,
         output_cut=n_keep_ans < n_ans,
+        full_length=n_ctx + n_ans,
     )
+
+
+def _alpaca_parts(tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], data_cfg: DataConfig) -> Parts:
+    eos = _eos_id(tokenizer)
+    ctx_ids = _alpaca_prompt_ids(tokenizer, row, data_cfg)
+    answer_ids = _text_ids(tokenizer, _require_text(row, "output"))
+    if not answer_ids or answer_ids[-1] != eos:
+        answer_ids.append(eos)
+    return ctx_ids, [IGNORE_INDEX] * len(ctx_ids), answer_ids, list(answer_ids)
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    row: Mapping[str, Any],
+    data_cfg: DataConfig,
+    max_len: int | None = None,
+) -> tuple[list[EncodedExample], bool]:
+    """Every sample of one row within ``max_len`` (default ``max_seq_length``), and whether the row was
+    split per assistant turn. One sample per row, except conversations whose template rewrites earlier
+    turns (one per assistant turn); samples with nothing to learn are left out."""
+    max_len = data_cfg.max_seq_length if max_len is None else max_len
+    if is_chat_row(row):
+        samples, per_turn = _chat_samples(tokenizer, row, data_cfg)
+    else:
+        samples, per_turn = [_alpaca_parts(tokenizer, row, data_cfg)], False
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    out = []
+    for ctx_ids, ctx_labels, answer_ids, answer_labels in samples:
+        head = 1 if ctx_ids and bos is not None and ctx_ids[0] == bos else 0
+        example = fit_to_length(ctx_ids, ctx_labels, answer_ids, answer_labels, max_len, keep_head=head)
+        if example is not None:
+            out.append(example)
+    return out, per_turn
 
 
 def encode_example(
@@ -379,48 +428,48 @@ def encode_example(
     data_cfg: DataConfig,
     max_len: int | None = None,
 ) -> EncodedExample | None:
-    """Token ids and labels of one row within ``max_len`` (default ``max_seq_length``); None when dropped."""
-    max_len = data_cfg.max_seq_length if max_len is None else max_len
-    if is_chat_row(row):
-        parts = _chat_parts(tokenizer, row, data_cfg)
-        if parts is None:
-            return None
-        ctx_ids, ctx_labels, answer_ids, answer_labels = parts
-    else:
-        eos = _eos_id(tokenizer)
-        ctx_ids = _alpaca_prompt_ids(tokenizer, row, data_cfg)
-        ctx_labels = [IGNORE_INDEX] * len(ctx_ids)
-        answer_ids = _text_ids(tokenizer, _require_text(row, "output"))
-        if not answer_ids or answer_ids[-1] != eos:
-            answer_ids.append(eos)
-        answer_labels = list(answer_ids)
-    head = 1 if ctx_ids and adds_bos(tokenizer) and ctx_ids[0] == tokenizer.bos_token_id else 0
-    return fit_to_length(ctx_ids, ctx_labels, answer_ids, answer_labels, max_len, keep_head=head)
+    """The sample of a row's final answer within ``max_len`` (default ``max_seq_length``); None when dropped."""
+    examples, _ = encode_examples(tokenizer, row, data_cfg, max_len)
+    return examples[-1] if examples else None
 
 
 # --------------------------------------------------------------------------------------------------
 # the dataset
 
+_EMPTY_SAMPLE = {
+    "input_ids": [],
+    "labels": [],
+    "prompt_truncated": False,
+    "output_cut": False,
+    "full_length": 0,
+}
 
-def _encode_for_map(
-    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig, max_len: int, **_: Any
-) -> dict[str, Any]:
-    example = encode_example(tokenizer, row, data_cfg, max_len)
-    if example is None:
-        return {
-            "input_ids": [],
-            "labels": [],
-            "prompt_truncated": False,
-            "output_cut": False,
-            "dropped": True,
-        }
-    return {
-        "input_ids": example.input_ids,
-        "labels": example.labels,
-        "prompt_truncated": example.prompt_truncated,
-        "output_cut": example.output_cut,
-        "dropped": False,
-    }
+
+def _encode_batch(
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    data_cfg: DataConfig,
+    max_len: int,
+    **_: Any,
+) -> dict[str, list]:
+    """Rows -> samples (usually one per row; one per assistant turn for history-rewriting templates; a
+    ``dropped`` placeholder for a row with nothing to learn, so every row is counted)."""
+    out: dict[str, list] = {name: [] for name in _features()}
+    count = len(next(iter(batch.values()))) if batch else 0
+    for j in range(count):
+        row = json.loads(batch[RAW_COLUMN][j]) if RAW_COLUMN in batch else {c: batch[c][j] for c in batch}
+        examples, per_turn = encode_examples(tokenizer, row, data_cfg, max_len)
+        items = [dataclasses.asdict(e) | {"dropped": False} for e in examples] or [
+            _EMPTY_SAMPLE | {"dropped": True}
+        ]
+        for turn, item in enumerate(items):
+            for key, value in item.items():
+                out[key].append(value)
+            out["per_turn"].append(per_turn)
+            out["turn"].append(turn if per_turn else -1)
+            out["row_id"].append(row.get("id") if isinstance(row.get("id"), int) else None)
+            out["source"].append(row.get("source") if isinstance(row.get("source"), str) else None)
+    return out
 
 
 def _warn_if_turns_lack_eos(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
@@ -434,9 +483,40 @@ def _warn_if_turns_lack_eos(tokenizer: PreTrainedTokenizerBase, name: str) -> No
             "%s: the chat template of %s does not end assistant turns with the EOS token %r; the final "
             "turn of each sample gets EOS appended, earlier turns are trained as the template renders them",
             name,
-            _model_name(tokenizer),
+            model_name(tokenizer),
             tokenizer.eos_token,
         )
+
+
+def load_jsonl_rows(path: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:
+    """A JSONL file as a memory-mapped data set of one column holding each line's JSON text.
+
+    The rows are decoded one by one where they are used, so every value keeps the type its own row
+    gives it (``datasets``' JSON loader would give a column one type across all rows, and fill absent
+    keys of nested objects, such as tool arguments, with null). The Arrow file is cached under
+    ``cache_dir`` (default: the ``datasets`` cache), keyed by the file's path, size and mtime.
+    """
+    import datasets
+
+    from ftpipe.data.jsonscan import scan_json_lines
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prepared data file {path} does not exist; run the prepare stage first")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "ftpipe-rows"
+    target = folder / f"{path.stem}-{key}.arrow"
+    if not target.is_file():
+        work = folder / f".{key}-{os.getpid()}"
+        try:  # an unreadable line is a BadRowError naming the file and line
+            scan = scan_json_lines(path, work, fail=True)
+            if scan.arrow_file is None:  # pragma: no cover - scan_json_lines always writes one
+                raise FileNotFoundError(path)
+            os.replace(scan.arrow_file, target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return datasets.Dataset.from_file(str(target))
 
 
 def _load_rows(source: str | os.PathLike | datasets.Dataset, cache_dir: str | None) -> datasets.Dataset:
@@ -444,13 +524,18 @@ def _load_rows(source: str | os.PathLike | datasets.Dataset, cache_dir: str | No
 
     if isinstance(source, datasets.Dataset):
         return source
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"prepared data file {path} does not exist; run the prepare stage first")
-    with path.open(encoding="utf-8") as handle:
-        if not any(line.strip() for line in handle):
-            return datasets.Dataset.from_dict({"id": []})
-    return datasets.Dataset.from_json(str(path), cache_dir=cache_dir)
+    return load_jsonl_rows(source, cache_dir)
+
+
+def _rows_use_tools(rows: datasets.Dataset) -> bool:
+    """True when a row has tools, tool calls or tool results (only raw rows that mention ``"tool`` are parsed)."""
+    if RAW_COLUMN not in rows.column_names:
+        return "messages" in rows.column_names and any(uses_tools(row) for row in rows)
+    import pyarrow.compute as pc
+
+    column = rows.data.column(RAW_COLUMN)
+    hits = pc.indices_nonzero(pc.match_substring(column, '"tool')).to_pylist()
+    return any(uses_tools(json.loads(column[i].as_py())) for i in hits)
 
 
 def _features() -> datasets.Features:
@@ -462,7 +547,12 @@ def _features() -> datasets.Features:
             "labels": List(Value("int32")),
             "prompt_truncated": Value("bool"),
             "output_cut": Value("bool"),
+            "full_length": Value("int32"),
             "dropped": Value("bool"),
+            "per_turn": Value("bool"),
+            "turn": Value("int32"),
+            "row_id": Value("int64"),
+            "source": Value("string"),
         }
     )
 
@@ -478,7 +568,8 @@ class SFTDataset(Dataset):
     """A prepared split tokenized once at construction (cached by ``datasets``; memory-mapped).
 
     Items are ``{"input_ids": list[int], "labels": list[int]}``, unpadded; ``stats`` says how many rows
-    were truncated, cut or dropped.
+    were truncated, cut, dropped or split into one sample per assistant turn. ``samples`` holds every
+    sample with its row id, source and token counts (what ``ftpipe inspect`` shows).
     """
 
     def __init__(
@@ -495,21 +586,31 @@ class SFTDataset(Dataset):
 
         self.name = name or (Path(source).name if isinstance(source, (str, os.PathLike)) else "dataset")
         self.max_len = data_cfg.max_seq_length if max_len is None else max_len
-        rows = _load_rows(source, cache_dir)
+        try:
+            rows = _load_rows(source, cache_dir)
+        except ValueError as err:
+            raise type(err)(f"{self.name}: {err}") from err
         # Fail before any long work: a missing chat template or EOS shows on the first row already.
         _eos_id(tokenizer)
-        chat_rows = "messages" in rows.column_names
+        chat_rows = "messages" in rows.column_names or (
+            len(rows) > 0 and RAW_COLUMN in rows.column_names and is_chat_row(json.loads(rows[0][RAW_COLUMN]))
+        )
         if chat_rows or data_cfg.use_chat_template:
             reason = "the data has chat rows (messages)" if chat_rows else "use_chat_template is true"
             require_chat_template(tokenizer, reason)
             _warn_if_turns_lack_eos(tokenizer, self.name)
-        code_digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        if chat_rows and _rows_use_tools(rows):
+            check_tool_template(tokenizer, f"{self.name}: the data uses tools")
+        code_digest = hashlib.sha256(
+            Path(__file__).read_bytes() + Path(render_module.__file__).read_bytes()
+        ).hexdigest()
         try:
             encoded = (
                 _empty()
                 if len(rows) == 0
                 else rows.map(
-                    _encode_for_map,
+                    _encode_batch,
+                    batched=True,
                     fn_kwargs={
                         "tokenizer": tokenizer,
                         "data_cfg": data_cfg,
@@ -524,20 +625,27 @@ class SFTDataset(Dataset):
         except ValueError as err:  # name the file: the message already names the row
             raise type(err)(f"{self.name}: {err}") from err
         table = encoded.data
+        dropped = table.column("dropped").to_pylist()
+        kept = [i for i, d in enumerate(dropped) if not d]
+        if len(kept) < len(dropped):
+            encoded = encoded.select(kept)
+            table = encoded.data
+        per_turn = table.column("per_turn")
+        first_turns = pc.and_(per_turn, pc.equal(table.column("turn"), 0))
         lengths = pc.list_value_length(table.column("input_ids"))
         label_flags = pc.not_equal(pc.list_flatten(table.column("labels")), IGNORE_INDEX)
-        dropped = table.column("dropped").to_pylist()
         self.stats = TokenizationStats(
-            rows=len(encoded),
-            kept=len(encoded) - sum(dropped),
+            rows=int(len(dropped) - (pc.sum(per_turn).as_py() or 0) + (pc.sum(first_turns).as_py() or 0)),
+            kept=len(kept),
             truncated_prompts=int(pc.sum(table.column("prompt_truncated")).as_py() or 0),
             cut_outputs=int(pc.sum(table.column("output_cut")).as_py() or 0),
-            dropped=sum(dropped),
+            dropped=len(dropped) - len(kept),
             tokens=int(pc.sum(lengths).as_py() or 0),
             label_tokens=int(pc.sum(label_flags).as_py() or 0),
+            per_turn_rows=int(pc.sum(first_turns).as_py() or 0),
+            per_turn_samples=int(pc.sum(per_turn).as_py() or 0),
         )
-        if self.stats.dropped:
-            encoded = encoded.select([i for i, d in enumerate(dropped) if not d])
+        self.samples = encoded
         self.data = encoded.select_columns(["input_ids", "labels"])
         self._log_stats()
 
@@ -557,6 +665,16 @@ class SFTDataset(Dataset):
             s.cut_outputs,
             s.dropped,
         )
+        if s.per_turn_rows:
+            log.info(
+                "%s: the chat template renders earlier turns differently once later turns exist (it rewrites "
+                "the history, e.g. strips reasoning from earlier assistant turns), so %d conversations were "
+                "trained as %d samples, one per assistant turn, each with its history as the template "
+                "renders it at inference",
+                self.name,
+                s.per_turn_rows,
+                s.per_turn_samples,
+            )
 
     def __len__(self) -> int:
         return len(self.data)

@@ -23,7 +23,16 @@ from ftpipe.utils.logging import get_logger
 log = get_logger(__name__)
 
 METRICS_FILENAME = "metrics.jsonl"
-HEADLINE = ("bertscore_f1", "rougeL_f1", "exact_match", "loss", "perplexity")
+HEADLINE = (
+    "bertscore_f1",
+    "rougeL_f1",
+    "exact_match",
+    "tool_call_parsed",
+    "tool_call_name",
+    "tool_call_exact",
+    "loss",
+    "perplexity",
+)
 
 
 class EvaluationError(FtpipeError, RuntimeError):
@@ -100,23 +109,71 @@ def _loss(model_path: str, examples: list[tuple[list[int], list[int]]], cfg: Pip
             torch.cuda.empty_cache()
 
 
-def _score_model(name: str, model_path: str, prompts, references, examples, cfg: PipelineConfig, pad_id: int):
+def answer_text(generated: str) -> str:
+    """A generated answer as the text scores compare it with the reference: without its leading reasoning
+    trace, and with its tool calls (when they parse) written as the reference writes them, one
+    ``{"name": ..., "arguments": ...}`` object per line after the text."""
+    import json
+
+    from ftpipe.data.chat import split_think
+    from ftpipe.evaluate.toolcalls import TOOL_CALL_BLOCK, parse_tool_calls
+
+    try:
+        answer = split_think(generated, "answer")[1]
+    except ValueError:  # an unclosed trace: the answer never came
+        return ""
+    calls, parsed = parse_tool_calls(answer)
+    if not parsed:
+        return answer
+    text = TOOL_CALL_BLOCK.sub("", answer).strip()
+    text = "" if text.startswith(("{", "[")) else text  # a bare JSON call is the call itself
+    return "\n".join([t for t in [text] if t] + [json.dumps(c, ensure_ascii=False) for c in calls])
+
+
+def _score_model(
+    name: str, model_path: str, prompts, references, tool_refs, examples, cfg: PipelineConfig, pad_id: int
+):
     from ftpipe.evaluate.generate import GenerationSettings, generate
     from ftpipe.evaluate.metrics import MetricSettings, score
+    from ftpipe.evaluate.toolcalls import score_tool_calls
 
     log.info("evaluating the %s model %s", name, model_path)
     generated = generate(
         model_path, prompts, GenerationSettings.from_config(cfg), backend=cfg.eval.eval_backend
     )
-    scores = score(generated.texts, references, MetricSettings.from_config(cfg))
+    scores = score([answer_text(t) for t in generated.texts], references, MetricSettings.from_config(cfg))
+    tools = score_tool_calls(generated.texts, tool_refs)
+    if tools["num_samples"]:
+        full = {metric: [None] * len(prompts) for metric in tools["per_sample"]}
+        for metric, values in tools["per_sample"].items():
+            for i, value in zip(tools["indices"], values, strict=True):
+                full[metric][i] = value
+        scores["per_sample"].update(full)
+        scores["mean"].update(tools["mean"])
     loss = _loss(model_path, examples, cfg, pad_id) if examples else None
     return generated, scores, loss
+
+
+def per_source_scores(sources: list[str | None], per_sample: dict[str, list]) -> dict[str, dict[str, Any]]:
+    """Mean of every per-sample score within each source (samples without a score left out)."""
+    import statistics
+
+    out: dict[str, dict[str, Any]] = {}
+    for source in dict.fromkeys(s or "unknown" for s in sources):
+        members = [i for i, s in enumerate(sources) if (s or "unknown") == source]
+        scores: dict[str, Any] = {"num_samples": len(members)}
+        for metric, values in per_sample.items():
+            present = [values[i] for i in members if values[i] is not None]
+            if present:
+                scores[metric] = statistics.fmean(present)
+        out[source] = scores
+    return out
 
 
 def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResult:
     """Score the base and the fine-tuned model on the test split; write the report in ``results_root/eval``."""
     from ftpipe.data.prepare import prepare_data, read_jsonl
-    from ftpipe.data.tokenize import encode_example, reference_output
+    from ftpipe.data.tokenize import encode_example, reference_output, reference_tool_calls
     from ftpipe.evaluate.generate import build_prompts
     from ftpipe.evaluate.report import write_report
     from ftpipe.model.embedded import resolve_model_path
@@ -135,6 +192,8 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
     tokenizer = load_tokenizer(cfg.model)
     prompts = build_prompts(tokenizer, rows, cfg.data)
     references = [reference_output(row) for row in rows]
+    tool_refs = [reference_tool_calls(row) for row in rows]
+    sources = [row.get("source") for row in rows]
     encoded = [encode_example(tokenizer, row, cfg.data) for row in rows]
     examples = [(e.input_ids, e.labels) for e in encoded if e is not None]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -144,7 +203,7 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
         "finetuned": finetuned_path or finetuned_model_path(cfg),
     }
     results = {
-        name: _score_model(name, path, prompts, references, examples, cfg, pad_id)
+        name: _score_model(name, path, prompts, references, tool_refs, examples, cfg, pad_id)
         for name, path in models.items()
     }
     backend = results["finetuned"][0].backend
@@ -162,9 +221,11 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
         sample = {
             "index": i,
             "id": row.get("id"),
+            "source": row.get("source"),
             "prompt_text": tokenizer.decode(prompts[i], skip_special_tokens=False),
             "prompt_tokens": len(prompts[i]),
             "reference": references[i],
+            "reference_tool_calls": tool_refs[i],
         }
         for name, (gen, scores, _) in results.items():
             sample[name] = {
@@ -190,6 +251,15 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
             "eval_seed": cfg.eval.eval_seed,
         },
         "aggregates": aggregates,
+        "num_tool_call_samples": sum(1 for ref in tool_refs if ref),
+        "per_source": (
+            {
+                name: per_source_scores(sources, scores["per_sample"])
+                for name, (_, scores, _) in results.items()
+            }
+            if len(set(sources)) > 1
+            else {}
+        ),
         "generation": {name: gen.as_dict() | {"texts": None} for name, (gen, _, _) in results.items()},
         "samples": samples,
         "config": cfg.to_flat(),

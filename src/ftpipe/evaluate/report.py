@@ -24,9 +24,14 @@ TABLE_ROWS = (
     ("bertscore_f1", "BERTScore F1", True),
     ("rougeL_f1", "ROUGE-L F1", True),
     ("exact_match", "Exact match", True),
+    ("tool_call_parsed", "Tool calls that parse", True),
+    ("tool_call_name", "Tool calls naming the right function", True),
+    ("tool_call_exact", "Exact tool calls (name and arguments)", True),
     ("loss", "Test loss", False),
     ("perplexity", "Test perplexity", False),
 )
+#: rows shown only when the test split has samples they apply to.
+OPTIONAL_ROWS = frozenset({"tool_call_parsed", "tool_call_name", "tool_call_exact"})
 #: (metrics.jsonl key, plot file, title).
 CURVES = (
     ("loss", "loss.png", "Training loss"),
@@ -119,11 +124,40 @@ def markdown_report(report: dict[str, Any], plots: list[Path]) -> str:
     ]
     for key, label, higher_better in TABLE_ROWS:
         b, t = base.get(key), tuned.get(key)
+        if key in OPTIONAL_ROWS and b is None and t is None:
+            continue
         change = "n/a"
         if isinstance(b, float) and isinstance(t, float) and math.isfinite(b) and math.isfinite(t):
             better = (t > b) if higher_better else (t < b)
             change = f"{t - b:+.4f}" + (" ✓" if better else "")
         lines.append(f"| {label} | {_fmt(b)} | {_fmt(t)} | {change} |")
+    if report.get("num_tool_call_samples"):
+        lines += [
+            "",
+            f"Tool-call scores are over the {report['num_tool_call_samples']} test samples whose reference "
+            "answer is a tool call.",
+        ]
+    per_source = report.get("per_source") or {}
+    if per_source:
+        metrics = [
+            (k, label)
+            for k, label, _ in TABLE_ROWS
+            if k not in ("loss", "perplexity")
+            and any(k in s for scores in per_source.values() for s in scores.values())
+        ]
+        lines += [
+            "",
+            "## Per source",
+            "",
+            "| Source | Samples | "
+            + " | ".join(f"{label} (base → fine-tuned)" for _, label in metrics)
+            + " |",
+            "|---|---:|" + "---:|" * len(metrics),
+        ]
+        for source, tuned_scores in per_source["finetuned"].items():
+            base_scores = per_source["base"].get(source, {})
+            cells = [f"{_fmt(base_scores.get(k))} → {_fmt(tuned_scores.get(k))}" for k, _ in metrics]
+            lines.append(f"| {source} | {tuned_scores['num_samples']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Timings",

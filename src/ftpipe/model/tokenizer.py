@@ -63,5 +63,23 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
             f"({short_reason(err)})"
         ) from err
     ensure_pad_token(tokenizer)
+    apply_chat_template_setting(tokenizer, model_cfg)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def apply_chat_template_setting(tokenizer: PreTrainedTokenizerBase, model_cfg: ModelConfig) -> None:
+    """Give ``tokenizer`` the configured ``chat_template`` (a shipped name or a Jinja file), in place.
+
+    Every stage loads its tokenizer through :func:`load_tokenizer`, so training, evaluation and the
+    exported tokenizer (``save_pretrained`` writes the template) all render with the same template.
+    """
+    if model_cfg.chat_template is None:
+        return
+    from ftpipe.templates import chat_template_text
+
+    try:
+        tokenizer.chat_template = chat_template_text(model_cfg.chat_template)
+    except OSError as err:
+        raise TokenizerLoadError(str(err)) from err
+    log.info("chat template: %s (chat_template)", model_cfg.chat_template)

@@ -14,6 +14,8 @@ Requests (``application/json``, the Hugging Face inference toolkit's shape)::
      "parameters": {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "do_sample": true}}
     {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}]}
     {"messages": [[...conversation 1...], [...conversation 2...]]}
+    {"messages": [...], "tools": [{"type": "function", "function": {"name": ..., "parameters": ...}}],
+     "chat_template_kwargs": {"enable_thinking": false}}
 
 ``inputs`` may also hold a conversation (a list of role/content objects) or a list of them. A text
 prompt becomes one user turn and every prompt goes through the tokenizer's chat template with the
@@ -21,6 +23,11 @@ generation prompt, unless ``"raw": true`` (text prompts only) or the tokenizer h
 ``text/plain`` body is one prompt with the default parameters. Several prompts are generated as one
 left-padded batch. Response: ``[{"generated_text": "..."}, ...]``, one object per prompt, holding only
 the new text (``"return_full_text": true`` in ``parameters`` puts the prompt text before it).
+
+Tools: ``tools`` (function schemas) go to the chat template with every prompt, and conversations may
+hold assistant ``tool_calls`` (``content`` null or empty) and ``tool`` results, rendered by the
+template the model was trained with (ftpipe saves it in the export); ``chat_template_kwargs`` passes
+template switches such as ``enable_thinking``.
 
 Parameters: ``max_new_tokens`` (default 256, at most ``$FTPIPE_MAX_NEW_TOKENS_LIMIT``, 4096),
 ``do_sample``, ``temperature`` (0 means greedy; above 0 samples unless ``do_sample`` is false),
@@ -63,7 +70,9 @@ JSON = "application/json"
 TEXT = "text/plain"
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_NEW_TOKENS_LIMIT = int(os.environ.get("FTPIPE_MAX_NEW_TOKENS_LIMIT", "4096"))
-_REQUEST_KEYS = {"inputs", "messages", "parameters", "raw"}
+_REQUEST_KEYS = {"inputs", "messages", "parameters", "raw", "tools", "chat_template_kwargs"}
+#: message keys kept for the chat template besides role and content.
+_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
 _PARAMETERS = {
     "max_new_tokens",
     "do_sample",
@@ -154,18 +163,26 @@ def _as_text(body: str | bytes | bytearray) -> str:
 
 
 def _is_message(item: Any) -> bool:
-    return isinstance(item, dict) and "role" in item and "content" in item
+    return isinstance(item, dict) and "role" in item and ("content" in item or "tool_calls" in item)
 
 
-def _conversation(value: Any, where: str) -> list[dict[str, str]]:
+def _conversation(value: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise RequestError(f"{where}: a conversation must be a non-empty list of {{role, content}} objects")
+    messages = []
     for i, message in enumerate(value):
         if not _is_message(message):
             raise RequestError(f"{where}[{i}]: each message must be an object with role and content")
-        if not isinstance(message["role"], str) or not isinstance(message["content"], str):
+        content = message.get("content")
+        if content is None and message.get("tool_calls"):
+            content = ""  # an assistant turn that only calls tools
+        if not isinstance(message["role"], str) or not isinstance(content, str):
             raise RequestError(f"{where}[{i}]: role and content must be strings")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        if "tool_calls" in message and not isinstance(message["tool_calls"], list):
+            raise RequestError(f"{where}[{i}]: tool_calls must be a list of calls")
+        extra = {k: message[k] for k in _MESSAGE_KEYS if message.get(k) is not None}
+        messages.append({"role": message["role"], "content": content, **extra})
+    return messages
 
 
 def _prompts(request: dict[str, Any]) -> list[str | list[dict[str, str]]]:
@@ -258,24 +275,48 @@ def input_fn(request_body: str | bytes | bytearray, content_type: str | None) ->
     prompts = _prompts(request)
     if raw and any(not isinstance(p, str) for p in prompts):
         raise RequestError('"raw": true needs text prompts; conversations always use the chat template')
-    return {"prompts": prompts, "parameters": _parameters(request.get("parameters")), "raw": raw}
+    tools = request.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise RequestError('"tools" must be a list of function schemas (objects)')
+    kwargs = request.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise RequestError('"chat_template_kwargs" must be an object, e.g. {"enable_thinking": false}')
+    if raw and (tools or kwargs):
+        raise RequestError(
+            '"raw": true sends the text as it is: "tools" and "chat_template_kwargs" need the chat template'
+        )
+    return {
+        "prompts": prompts,
+        "parameters": _parameters(request.get("parameters")),
+        "raw": raw,
+        "tools": tools or None,
+        "chat_template_kwargs": kwargs,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # predict_fn
 
 
-def _render(tokenizer: Any, prompt: str | list[dict[str, str]], raw: bool) -> tuple[str, bool]:
+def _render(
+    tokenizer: Any,
+    prompt: str | list[dict[str, Any]],
+    raw: bool,
+    tools: list[dict[str, Any]] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> tuple[str, bool]:
     """The prompt text and whether it came from the chat template (then it holds its special tokens)."""
     if raw:
         return prompt, False  # type: ignore[return-value]
     if not tokenizer.chat_template:
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and not tools:
             return prompt, False
         raise RequestError("this model's tokenizer has no chat template: send text prompts with raw: true")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=False, **(kwargs or {})
+        )
     except Exception as err:  # the template rejects the conversation (e.g. roles out of order)
         raise RequestError(f"the chat template rejected the conversation: {err}") from err
     return text, True
@@ -317,7 +358,10 @@ def predict_fn(data: dict[str, Any], model: LoadedModel) -> list[dict[str, str]]
     """Generate an answer for every prompt of ``data`` (one left-padded batch)."""
     tokenizer = model.tokenizer
     params = data.get("parameters", {})
-    rendered = [_render(tokenizer, p, data.get("raw", False)) for p in data["prompts"]]
+    rendered = [
+        _render(tokenizer, p, data.get("raw", False), data.get("tools"), data.get("chat_template_kwargs"))
+        for p in data["prompts"]
+    ]
     texts = [text for text, _ in rendered]
     templated = rendered[0][1]  # all prompts or none: raw is per request, conversations need the template
     # a rendered chat template already holds its special tokens (BOS, ...): add none twice

@@ -1,0 +1,51 @@
+"""The tool-calling example: its data is written by a seeded script in the repository, and its
+configuration prepares it with the shipped tool template."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from ftpipe.config import ConfigError, PipelineConfig, load_config, validate_config
+
+pytestmark = pytest.mark.timeout(60)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO_ROOT / "examples" / "tool_calling"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_data", EXAMPLE / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_data_is_what_the_seeded_script_writes(tmp_path):
+    written = _generator().write(tmp_path / "tool_calls.jsonl", rows=800, seed=0)
+    assert written.read_bytes() == (EXAMPLE / "tool_calls.jsonl").read_bytes()
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert all(row["conversations"][-1]["from"] == "function_call" for row in rows)
+    kinds = {tuple(t["from"] for t in row["conversations"]) for row in rows}
+    assert ("human", "function_call", "observation", "gpt", "human", "function_call") in kinds
+    assert any(
+        isinstance(json.loads(row["conversations"][-1]["value"]), list) for row in rows
+    )  # parallel calls
+
+
+def test_the_proof_configuration_is_valid_and_names_the_shipped_template():
+    cfg = validate_config(load_config(REPO_ROOT / "configs" / "tool-calling.yaml"))
+    assert cfg.model.chat_template == "chatml-tools" and cfg.data.dataset.endswith("tool_calls.jsonl")
+
+
+def test_unknown_chat_template_is_a_configuration_error_listing_the_shipped_ones(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"chat_template: 'chatml-toolz' is neither a chat template shipped with ftpipe \(chatml-tools\)",
+    ):
+        validate_config(PipelineConfig.from_flat({"chat_template": "chatml-toolz"}))
+    template = tmp_path / "mine.jinja"
+    template.write_text("{{ messages }}")
+    validate_config(PipelineConfig.from_flat({"chat_template": str(template)}))
