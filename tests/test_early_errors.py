@@ -69,7 +69,7 @@ def assert_stopped_before_training(output: str) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_yaml_that_does_not_parse_is_one_error(tmp_path, capsys):
+def test_yaml_that_does_not_parse_is_one_error(tmp_path, caplog):
     from ftpipe.cli.main import main
 
     bad = tmp_path / "bad.yaml"
@@ -77,9 +77,9 @@ def test_yaml_that_does_not_parse_is_one_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--config", str(bad)])
     assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Problems parsing config" in err and "line 1, column 12" in err
-    assert "Traceback" not in err
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"--config: {bad}: line 3, column 1: not valid YAML" in errors[0]
+    assert "Traceback" not in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +113,7 @@ def test_unknown_model_id_fails_fast_offline_naming_hf_model_id(tmp_path):
     assert "hub is offline (HF_HUB_OFFLINE=1)" in errors[0] and "'embedded'" in errors[0]
     assert_stopped_before_training(output)
     assert not (tmp_path / "data").exists()  # failed before preparing any data
+    assert not (tmp_path / "results").exists()  # and before writing anything for the run
     assert seconds < 90
 
 

@@ -186,3 +186,21 @@ def test_datamodule_with_real_prepare(alpaca_demo, tokenizer, tmp_path, monkeypa
         assert tokenizer.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
         checked += 1
     assert checked >= 5
+
+
+@pytest.mark.timeout(60)
+def test_validation_over_ranks_counts_every_sample_once(prepared, tokenizer):
+    """3 validation samples on 2 ranks: the ranks run as many batches, and the padding copy has no label,
+    so the label tokens over both ranks are those of the split, each sample once."""
+    from types import SimpleNamespace
+
+    dm = SFTDataModule(make_cfg(micro_batch_size=1), tokenizer)
+    split_labels = sum(sum(label != -100 for label in dm.val_dataset[i]["labels"]) for i in range(3))
+    batches, labels = [], 0
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        rank_batches = list(dm.val_dataloader())
+        batches.append(len(rank_batches))
+        labels += sum(int(b["num_label_tokens"]) for b in rank_batches)
+    assert batches == [2, 2]  # the same number of forward passes on both ranks
+    assert labels == split_labels

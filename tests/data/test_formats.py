@@ -194,7 +194,78 @@ def test_converter_import_and_results(monkeypatch):
 
 
 def test_converter_import_errors_name_the_path():
-    with pytest.raises(DataError, match="cannot import module 'no_such_module_xyz'"):
+    with pytest.raises(
+        DataError, match=r"converter no_such_module_xyz:f: cannot import module 'no_such_module_xyz'"
+    ):
         load_converter("no_such_module_xyz:f")
     with pytest.raises(DataError, match="has no function 'nope'"):
         load_converter("json:nope")
+
+
+def test_converter_contract():
+    from ftpipe.data.formats import Converter
+
+    row = {"instruction": "Translate to French.", "input": "hi", "output": "salut"}
+    # builtins:dict returns the raw row: its 'instruction' would be lost, so the row is refused
+    with pytest.raises(BadRow) as err:
+        apply_converter(Converter(name="builtins:dict", func=dict), row)
+    assert err.value.reason == "converter_bad_result"
+    assert "the converter builtins:dict returned keys ['input', 'instruction', 'output']" in err.value.detail
+    # an empty prompt is refused unless allowed
+    empty = Converter(name="m:f", func=lambda r: {"input": " ", "output": r["output"]})
+    with pytest.raises(BadRow) as err:
+        apply_converter(empty, row)
+    assert err.value.reason == "empty_prompt" and "allow_empty_prompt" in err.value.detail
+    allowed = Converter(name="m:f", func=empty.func, allow_empty_prompt=True)
+    assert apply_converter(allowed, row) == {"input": " ", "output": "salut"}
+    # a field the templates use that does not reach the result is noted (the row is kept)
+    drops = Converter(
+        name="m:g",
+        func=lambda r: {"input": r["input"], "output": r["output"]},
+        watched=(("instruction", "instruction"), ("output", "output")),
+    )
+    notes: list[str] = []
+    assert apply_converter(drops, row, notes) == {"input": "hi", "output": "salut"}
+    assert notes == ["converter_dropped:instruction"]
+    # a conversation may bring its tools; whatever the converter raises names it
+    chat = Converter(
+        name="m:h",
+        func=lambda r: {
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "tools": [{"name": "f"}],
+        },
+    )
+    assert apply_converter(chat, row)["tools"] == [{"type": "function", "function": {"name": "f"}}]
+    with pytest.raises(BadRow) as err:
+        apply_converter(Converter(name="m:boom", func=lambda r: r["nope"]), row)
+    assert (
+        err.value.reason == "converter_error" and "the converter m:boom raised KeyError" in err.value.detail
+    )
+
+
+def test_a_converter_that_drops_a_template_field_is_warned_about(tmp_path, monkeypatch, caplog):
+    import json
+
+    from ftpipe.data.prepare import prepare_data
+
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "drops_conv.py").write_text(
+        "def convert(row):\n    return {'input': row['input'] or 'Q', 'output': row['output']}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    rows = [{"instruction": f"Task {i}", "input": "", "output": f"A{i}"} for i in range(5)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = validate_config(
+        PipelineConfig.from_flat(
+            {
+                "dataset": str(tmp_path / "d.jsonl"),
+                "data_dir": str(tmp_path / "out"),
+                "converter": "drops_conv:convert",
+            }
+        )
+    )
+    with caplog.at_level("WARNING", logger="ftpipe"):
+        result = prepare_data(cfg)
+    manifest = json.loads((result.folder / "manifest.json").read_text())
+    assert manifest["sources"]["d"]["rows_warned"] == {"converter_dropped:instruction": 5}
+    assert "in 5 of 5 rows the converter's result does not contain the row's 'instruction'" in caplog.text

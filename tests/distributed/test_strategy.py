@@ -25,7 +25,7 @@ from torch.distributed.fsdp import (
     ShardingStrategy,
 )
 
-from ftpipe.config import PipelineConfig
+from ftpipe.config import ConfigError, PipelineConfig
 from ftpipe.distributed import CPUFSDPStrategy, MaterializeMeta, accelerator_name, build_strategy
 
 LLAMA = transformers.models.llama.modeling_llama.LlamaDecoderLayer
@@ -51,7 +51,7 @@ def bf16_gpu(monkeypatch):
 
 def test_accelerator_name(no_cuda, monkeypatch):
     assert accelerator_name(_cfg()) == "cpu"
-    with pytest.raises(RuntimeError, match="accelerator: 'cuda' but no CUDA device"):
+    with pytest.raises(ConfigError, match=r"accelerator: 'cuda' but no CUDA device"):
         accelerator_name(_cfg(accelerator="cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert accelerator_name(_cfg()) == "cuda"

@@ -210,3 +210,49 @@ def test_checkpointing_saving_matches(measured):
     expected = acts.without_checkpointing - acts.with_checkpointing
     assert saved > 0
     assert abs(expected - saved) / saved <= TOLERANCE, (expected, saved)
+
+
+def _config_folder(tmp_path, embedded_model_path, **changes):
+    import json
+
+    config = json.loads((embedded_model_path / "config.json").read_text())
+    folder = tmp_path / f"model-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+@pytest.mark.timeout(120)
+def test_many_layers_are_counted_from_a_few_exactly(tmp_path, embedded_model_path):
+    """80 decoder layers measured on 4 give the very counts of the whole model built on the meta device."""
+    from ftpipe.config import PipelineConfig
+    from ftpipe.estimate.shape import model_shape
+
+    folder = _config_folder(tmp_path, embedded_model_path, num_hidden_layers=80)
+    for finetuning in ("lora", "full"):
+        cfg = PipelineConfig.from_flat({"hf_model_id": str(folder), "finetuning": finetuning})
+        assert model_shape(cfg) == model_shape(cfg, probe_above=10**6)
+
+
+@pytest.mark.timeout(120)
+def test_a_model_of_20000_layers_is_estimated_in_seconds(tmp_path, embedded_model_path):
+    import time
+
+    from ftpipe.config import PipelineConfig
+    from ftpipe.estimate.memory import estimate
+
+    folder = _config_folder(tmp_path, embedded_model_path, num_hidden_layers=20_000)
+    start = time.monotonic()
+    result = estimate(PipelineConfig.from_flat({"hf_model_id": str(folder), "gpu_memory_gib": 80.0}))
+    assert time.monotonic() - start < 10
+    assert result.shape.num_layers == 20_000
+    base = model_shape_of(embedded_model_path)
+    per_layer = base.layer_params
+    assert result.shape.total_params == base.total_params + (20_000 - base.num_layers) * per_layer
+
+
+def model_shape_of(folder):
+    from ftpipe.config import PipelineConfig
+    from ftpipe.estimate.shape import model_shape
+
+    return model_shape(PipelineConfig.from_flat({"hf_model_id": str(folder)}))

@@ -11,6 +11,7 @@ import torch
 
 from ftpipe.evaluate.metrics import (
     LossResult,
+    MetricsError,
     MetricSettings,
     exact_match,
     loss_and_perplexity,
@@ -149,7 +150,7 @@ def test_loss_and_perplexity_match_a_hand_computation(fp32_model, chat_prompts, 
 
     with pytest.raises(ValueError, match="example 1: 3 input_ids but 2 labels"):
         loss_and_perplexity(fp32_model, [([1, 2], [-100, 2]), ([1, 2, 3], [-100, 2])], batch_size=2)
-    with pytest.raises(ValueError, match="no answer tokens"):
+    with pytest.raises(MetricsError, match="no answer tokens"):
         loss_and_perplexity(fp32_model, [([1, 2], [-100, -100])], batch_size=1)
 
 

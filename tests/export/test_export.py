@@ -285,3 +285,84 @@ def test_export_keeps_the_training_chat_template_for_serving(lora_run):
     )
     handler_text, templated = inference._render(served, request["prompts"][0], False, request["tools"])
     assert templated and served(handler_text, add_special_tokens=False)["input_ids"] == prompt
+
+
+def _tree_hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_export_leaves_the_previous_export_whole(lora_run, tmp_path):
+    from ftpipe.export.export import ExportError
+
+    cfg, _, _ = lora_run
+    out = Path(export_model(cfg).path)
+    before = _tree_hashes(out)
+    bad = torch.load(next(Path(cfg.train.results_dir).rglob("step=4-*.ckpt")), weights_only=True)
+    key = next(k for k in bad["state_dict"] if "lora_A" in k)
+    bad["state_dict"][key] = torch.zeros(3, 64)
+    path = tmp_path / "mismatched.ckpt"
+    torch.save(bad, path)
+    with pytest.raises(ExportError, match="has shape"):
+        export_model(cfg.replace(checkpoint=str(path)))
+    assert _tree_hashes(out) == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".merged.")]  # no staging left
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("when", ["staging-created", "weights-written"])
+def test_kill_9_during_an_export_leaves_the_previous_export_whole(lora_run, tiny_model, when):
+    """``ftpipe export`` killed with SIGKILL at a point of its work: the previous export is untouched; the
+    next export removes the leftover and replaces the export."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg, _, _ = lora_run
+    out = Path(export_model(cfg).path)
+    before = _tree_hashes(out)
+    ckpt = next(Path(cfg.train.results_dir).rglob("step=4-*.ckpt"))
+    args = [
+        sys.executable,
+        "-m",
+        "ftpipe",
+        "export",
+        "--hf_model_id",
+        str(tiny_model),
+        "--results_dir",
+        cfg.train.results_dir,
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--lora_dropout",
+        "0",
+        "--export_dtype",
+        "float32",
+        "--checkpoint",
+        str(ckpt),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = out.parent / f".merged.tmp-{proc.pid}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if staging.is_dir() and (when == "staging-created" or (staging / "model.safetensors").is_file()):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the export finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert staging.exists()  # killed in the middle of its work
+    assert _tree_hashes(out) == before  # the previous export is whole
+    again = Path(export_model(cfg.replace(checkpoint=str(ckpt))).path)
+    assert again == out and (out / "model.safetensors").is_file()
+    assert not staging.exists()  # the leftover of the killed run is gone

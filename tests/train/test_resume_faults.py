@@ -98,9 +98,10 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
 
     log = _assert_ok(start_train({**args, "resume_from_checkpoint": "auto"}, tmp_path / "resumed.log"))
     assert "resuming from" in log
-    second = _steps(root)
-    assert [s["step"] for s in second] == list(range(HALF + 1, STEPS + 1))
-    for a, b in zip(first + second, full, strict=True):
+    history = _steps(root)  # the resumed run keeps the steps before its checkpoint: every step once
+    assert [s["step"] for s in history] == list(range(1, STEPS + 1))
+    assert history[:HALF] == first
+    for a, b in zip(history, full, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a["step"], a["loss"], b["loss"])
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
         assert a["label_tokens"] == b["label_tokens"]  # the same samples at the same steps
@@ -143,7 +144,8 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(
     log = _assert_ok(start_train({**args, "resume_from_checkpoint": "auto"}, tmp_path / "again.log"))
     assert "resuming from" in log
     steps = _steps(_root(tmp_path, "crash", tiny_llama))
-    assert [s["step"] for s in steps] == [3, 4, 5, 6]
+    # the history up to the checkpoint of step 2 is kept, the crashed run's steps 3-4 are replaced
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
     assert not list(folder.glob("*.tmp")) and not list(folder.glob("*.old"))  # cleaned by later saves
 
 

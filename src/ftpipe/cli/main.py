@@ -11,14 +11,22 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
+import re
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from docstring_parser import parse as parse_docstring
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
-from ftpipe.config import PipelineConfig, config_to_yaml, validate_config
+from ftpipe import __version__ as ftpipe_version
+from ftpipe.config import ConfigError, PipelineConfig, config_to_yaml, validate_config
+from ftpipe.config.paths import folder_error
 from ftpipe.config.schema import SECTIONS
 from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger, setup_logging
@@ -96,9 +104,28 @@ def _add_fields(parser: ArgumentParser, cls: type) -> None:
         )
 
 
+class _Parser(ArgumentParser):
+    """jsonargparse's parser, whose errors are one ConfigError line (not a usage dump)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        from ftpipe.config.types import describe, field_types
+
+        text = str(message)
+        key = re.search(r'Parser key "([^"]+)"', text)
+        value = re.search(r"(?:Got value|Given value): (.*)", text)
+        hint = field_types().get(key.group(1)) if key else None
+        literal = re.search(r"Expected a typing\.Literal\[(.*?)\]", text)
+        if key and value and (hint is not None or literal):
+            expected = describe(hint) if hint is not None else f"one of {literal.group(1)}"  # type: ignore[union-attr]
+            line = f"{key.group(1)}: {value.group(1).strip()!r} is not allowed (expected {expected})"
+        else:
+            line = "; ".join(s.strip() for s in text.splitlines() if s.strip())
+        raise ConfigError([f"{line} (see `{self.prog.replace(' [options]', '')} --help`)"])
+
+
 def _stage_parser(options: type | None = None) -> ArgumentParser:
     """Every configuration field (and the command's own options) as a flat flag."""
-    parser = ArgumentParser(default_env=False, exit_on_error=True)
+    parser = _Parser(default_env=False, exit_on_error=True)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of flat field: value pairs")
     for cls in SECTIONS.values():
         _add_fields(parser, cls)
@@ -115,13 +142,13 @@ def _stage_parser(options: type | None = None) -> ArgumentParser:
 
 def build_parser() -> ArgumentParser:
     """The ``ftpipe`` parser: one sub-command per registered stage, one nested level per group."""
-    parser = ArgumentParser(prog="ftpipe", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ftpipe", description=__doc__.splitlines()[0])
     subcommands = parser.add_subcommands(required=True)
     for name, (_, help_text) in COMMANDS.items():
         options = _import(COMMAND_OPTIONS[name]) if name in COMMAND_OPTIONS else None
         subcommands.add_subcommand(name, _stage_parser(options), help=help_text)
     for group, (help_text, members) in GROUPS.items():
-        group_parser = ArgumentParser(description=help_text)
+        group_parser = _Parser(description=help_text)
         subcommands.add_subcommand(group, group_parser, help=help_text)
         nested = group_parser.add_subcommands(required=True)  # after the group is added (jsonargparse)
         for name, (_, member_help) in members.items():
@@ -145,10 +172,39 @@ def config_from_namespace(ns: Namespace, options: type | None = None) -> Pipelin
     return validate_config(PipelineConfig.from_flat(namespace_values(ns, options)))
 
 
+def _config_files(argv: Sequence[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Every ``--config`` file read and checked before the parser sees it: a ConfigError listing every
+    problem (unreadable file, a key given twice, unknown fields, values of the wrong type)."""
+    from ftpipe.config.io import read_config_file
+    from ftpipe.config.schema import field_section_map
+    from ftpipe.config.types import meaning_problems, type_problems
+
+    known = set(field_section_map())
+    for path in _config_files(argv):
+        values = read_config_file(path)
+        problems = [f"{path}: {name}: unknown configuration field" for name in values if name not in known]
+        problems += [f"{path}: {line}" for lines in type_problems(values).values() for line in lines]
+        problems += [f"{path}: {line}" for line in meaning_problems(values)]
+        if problems:
+            raise ConfigError(problems)
+
+
 def parse_with_options(argv: Sequence[str] | None = None) -> tuple[str, PipelineConfig, Any]:
     """Parse ``argv`` into (command, validated config, the command's options or None)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_config_files(argv)
     parser = build_parser()
-    ns = parser.parse_args(list(argv) if argv is not None else None)
+    ns = parser.parse_args(argv)
     command = ns.subcommand
     if command in GROUPS:
         name = ns[command].subcommand
@@ -176,7 +232,11 @@ def resolve_entry(command: str) -> Callable[..., Any]:
 def run_command(argv: Sequence[str] | None = None) -> Any:
     """Parse ``argv``, log the resolved configuration and run the stage; returns the stage's result."""
     setup_logging()
-    command, cfg, options = parse_with_options(argv)
+    return run_parsed(*parse_with_options(argv))
+
+
+def run_parsed(command: str, cfg: PipelineConfig, options: Any = None) -> Any:
+    """Log the resolved configuration and run the stage of ``command``; returns the stage's result."""
     log.info("ftpipe %s with the resolved configuration:\n%s", command, config_to_yaml(cfg))
     entry = resolve_entry(command)
     result = entry(cfg) if options is None else entry(cfg, options)
@@ -186,14 +246,49 @@ def run_command(argv: Sequence[str] | None = None) -> Any:
     return result
 
 
+def _crash_log(argv: Sequence[str] | None, err: BaseException) -> Path:
+    """Write the traceback of an unexpected error to a file of its own; returns its path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = Path(tempfile.gettempdir()) / f"ftpipe-crash-{stamp}-{os.getpid()}.log"
+    head = [
+        f"ftpipe {ftpipe_version} crashed at {stamp} UTC (pid {os.getpid()})",
+        f"command line: {' '.join(sys.argv[:1] + list(sys.argv[1:] if argv is None else argv))}",
+    ]
+    path.write_text("\n".join(head) + "\n\n" + "".join(traceback.format_exception(err)), encoding="utf-8")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: an error the user can act on is logged without a traceback, exit status 2
-    (3: stopped by a signal after saving a checkpoint, resumable)."""
+    """Console entry point. An error the user can act on is one message without a traceback, exit status
+    2 (3: stopped by a signal after saving a checkpoint, resumable); a file-system error on a configured
+    folder is one message naming the field, exit status 2; anything else is a bug in ftpipe: one line
+    pointing at a file with the traceback, exit status 1."""
+    cfg: PipelineConfig | None = None
     try:
-        run_command(argv)
+        setup_logging()
+        command, cfg, options = parse_with_options(argv)
+        run_parsed(command, cfg, options)
     except FtpipeError as err:
         log.error("%s", err)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        sys.exit(130)
+    except Exception as err:
+        message = folder_error(err, cfg) if cfg is not None else None
+        if message:
+            log.error("%s", message)
+            sys.exit(2)
+        path = _crash_log(argv, err)
+        first = (str(err).strip().splitlines() or [""])[0]
+        log.error(
+            "ftpipe failed unexpectedly (%s: %s). This is a bug in ftpipe, not a problem of your input; "
+            "the traceback is in %s (please attach it to a bug report)",
+            type(err).__name__,
+            first[:300],
+            path,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

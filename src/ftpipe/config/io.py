@@ -39,15 +39,71 @@ def save_config(cfg: PipelineConfig, folder: str | os.PathLike, name: str = CONF
     return target
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be plain text", key_node.start_mark
+                )
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"{key!r} is given twice (lines {seen[key]} and {line}); a configuration must mean one "
+                    "thing: keep one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The flat mapping of a YAML configuration file; a ConfigError naming the file and line when it is
+    missing, not UTF-8 text, not valid YAML, not a mapping, or gives a key twice."""
+    from ftpipe.config.validate import ConfigError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError([f"--config: {path} {what}; give a YAML file of flat field: value pairs"])
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [f"--config: {path} is not UTF-8 text (byte {err.start}); save it as UTF-8"]
+        ) from None
+    except OSError as err:
+        raise ConfigError([f"--config: {path} cannot be read ({err.strerror})"]) from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        what = "" if isinstance(err, yaml.constructor.ConstructorError) else "not valid YAML: "
+        raise ConfigError([f"--config: {path}: {where}: {what}{problem}"]) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            [f"--config: {path}: expected a mapping of field: value, got {type(loaded).__name__}"]
+        )
+    bad_keys = [k for k in loaded if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError([f"--config: {path}: key {k!r} is not a field name" for k in bad_keys])
+    return loaded
+
+
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> PipelineConfig:
     """Configuration from a flat YAML file with flat overrides on top (the programmatic twin of the CLI)."""
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            from ftpipe.config.validate import ConfigError
-
-            raise ConfigError([f"{path}: expected a mapping of field: value, got {type(loaded).__name__}"])
-        values.update(loaded)
+        values.update(read_config_file(path))
     values.update(overrides)
     return PipelineConfig.from_flat(values)

@@ -10,8 +10,10 @@ into its own folder. Results: ``<results_dir>/<model id as folders>/{checkpoints
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -26,6 +28,7 @@ PREPARE_FIELDS = (
     "dataset_split",
     "data_format",
     "converter",
+    "allow_empty_prompt",
     "input_template",
     "input_template_no_input",
     "output_template",
@@ -151,3 +154,70 @@ def run_checkpoint_dirs(cfg: PipelineConfig) -> list[Path]:
 
 def tb_logs_dir(cfg: PipelineConfig) -> Path:
     return results_root(cfg) / "tb_logs"
+
+
+#: Configured folders that commands write to or read from, by field.
+FOLDER_FIELDS = (
+    "data_dir",
+    "prepared_dir",
+    "results_dir",
+    "checkpoint_dir",
+    "export_dir",
+    "eval_dir",
+    "model_cache_dir",
+)
+_FOLDER_REASONS = {
+    errno.EACCES: "it is not writable (permission denied)",
+    errno.EPERM: "it cannot be written (operation not permitted)",
+    errno.EROFS: "it is on a read-only file system",
+    errno.ENOSPC: "its disk is full (no space left on device)",
+    errno.EDQUOT: "its disk quota is exceeded",
+    errno.ENOTDIR: "a file stands where a folder belongs",
+    errno.EEXIST: "a file of that name is in the way",
+    errno.EISDIR: "a folder stands where a file belongs",
+    errno.ENAMETOOLONG: "the path is too long",
+}
+
+
+def configured_folders(cfg: PipelineConfig) -> dict[str, Path]:
+    """The configured folders that are set, by field."""
+    flat = cfg.to_flat()
+    return {field: Path(flat[field]).expanduser() for field in FOLDER_FIELDS if flat.get(field)}
+
+
+def folder_error(err: BaseException, cfg: PipelineConfig) -> str | None:
+    """A file-system error on one of the configured folders as one message naming the field (None when
+    ``err`` is not such an error)."""
+    if not isinstance(err, OSError):
+        return None
+    names = [Path(os.fsdecode(n)).expanduser().absolute() for n in (err.filename, err.filename2) if n]
+    for path in names:
+        for field, folder in configured_folders(cfg).items():
+            folder = folder.absolute()
+            if path == folder or folder in path.parents:
+                reason = _FOLDER_REASONS.get(err.errno or -1, err.strerror or type(err).__name__)
+                return (
+                    f"{field}: {folder} cannot be used: {reason} ({path}). Give {field} a folder you can "
+                    "write to, with room for the output"
+                )
+    return None
+
+
+def check_output_folder(field: str, folder: Path) -> None:
+    """Raise ConfigError when ``folder`` (a configured output folder) cannot be created or written, before
+    anything is written: a file in its place or above it, or a parent that is not writable."""
+    from ftpipe.config.validate import ConfigError
+
+    folder = folder.expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"lies under {existing}, which is a file"
+        raise ConfigError([f"{field}: {folder} {where}; give {field} a folder"])
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            [
+                f"{field}: {folder} cannot be written ({existing} is not writable); give {field} a folder you can write to"
+            ]
+        )

@@ -145,8 +145,11 @@ class DataConfig:
             are identical); otherwise only global rank 0 prepares and ``data_dir`` must be shared.
         data_format: row format; ``auto`` detects ``messages`` (chat), ``conversations`` (ShareGPT)
             or else alpaca-style columns rendered with the templates.
-        converter: import path ``package.module:function`` turning one raw row (dict) into
-            ``{"input": str, "output": str}`` or ``{"messages": [...]}``; overrides data_format.
+        converter: import path ``package.module:function`` turning one raw row (a dict, a copy) into
+            ``{"input": str, "output": str}``, ``{"messages": [...]}`` (optionally with ``"tools"``) or
+            None (leave the row out); any other key is a bad row; overrides data_format.
+        allow_empty_prompt: let a converter return an empty ``input`` (answers without a prompt);
+            otherwise such rows are bad rows (``empty_prompt``).
         input_template: prompt template; ``{field}`` placeholders name keys of field_mapping.
         input_template_no_input: prompt template used when every optional field is empty.
         output_template: answer template.
@@ -190,6 +193,7 @@ class DataConfig:
     prepare_per_node: bool = False
     data_format: DataFormat = "auto"
     converter: str | None = None
+    allow_empty_prompt: bool = False
     input_template: str = ALPACA_PROMPT
     input_template_no_input: str | None = ALPACA_PROMPT_NO_INPUT
     output_template: str = "{output}"
@@ -216,7 +220,7 @@ class DataConfig:
     reasoning: Literal["train", "drop", "empty_think"] = "train"
 
     def __post_init__(self) -> None:
-        if self.datasets is not None:
+        if isinstance(self.datasets, list):  # anything else is reported by validation, naming the field
             self.datasets = [_dataset_entry(i, e) for i, e in enumerate(self.datasets)]
 
 

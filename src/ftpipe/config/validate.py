@@ -111,7 +111,23 @@ def _positive(problems: list[str], obj: object, names: list[str], allow_zero: bo
 
 
 def collect_problems(cfg: PipelineConfig) -> list[str]:
-    """Every problem of ``cfg`` as ``"field: what is wrong (allowed: ...)"`` lines."""
+    """Every problem of ``cfg`` as ``"field: what is wrong (allowed: ...)"`` lines.
+
+    Types first (every field against its declared type; floats finite); the checks of meaning then run
+    on the configuration with each mistyped field at its default, so one wrong value gives one line.
+    """
+    from ftpipe.config.types import meaning_problems, type_problems
+
+    flat = cfg.to_flat()
+    wrong = type_problems(flat)
+    problems = [line for lines in wrong.values() for line in lines]
+    problems += meaning_problems({k: v for k, v in flat.items() if k not in wrong})
+    if wrong:
+        cfg = PipelineConfig.from_flat({k: v for k, v in flat.items() if k not in wrong})
+    return problems + _semantic_problems(cfg)
+
+
+def _semantic_problems(cfg: PipelineConfig) -> list[str]:
     problems: list[str] = []
     m, lo, d, t, ds = cfg.model, cfg.lora, cfg.data, cfg.train, cfg.dist
 
@@ -229,7 +245,12 @@ def collect_problems(cfg: PipelineConfig) -> list[str]:
 
 
 def _check_sagemaker(cfg: PipelineConfig, problems: list[str]) -> None:
+    from ftpipe.sagemaker.instances import instance_problem
+
     sm = cfg.sagemaker
+    problem = instance_problem(sm.instance_type)
+    if problem:
+        problems.append(f"instance_type: {problem}")
     _positive(problems, sm, ["instance_count", "volume_size_gb", "max_run_s", "max_wait_s"])
     for name in ("training_data_s3_uri", "output_s3_uri", "checkpoint_s3_uri"):
         value = getattr(sm, name)

@@ -27,7 +27,7 @@ from ftpipe.config.mix import SourceSettings
 from ftpipe.config.schema import DataConfig, PipelineConfig
 from ftpipe.data.chat import uses_tools
 from ftpipe.data.errors import BadRow, DataError, bad_row_error
-from ftpipe.data.formats import RowFormat, load_converter, replace_text, row_format
+from ftpipe.data.formats import RowFormat, make_converter, replace_text, row_format
 from ftpipe.data.jsonscan import RAW_COLUMN
 from ftpipe.data.mix import SPLITS, allocate_splits, mix_targets, select_source_rows, shuffle_split
 from ftpipe.data.mix import split_counts as split_counts
@@ -101,8 +101,9 @@ def _format_batch(
         try:
             raw = replace_text(_raw_row(batch, j, part), replacements or {})
             record = fmt(raw, notes)
-            if notes and fail:
-                raise BadRow(notes[0], _COERCED_HELP)
+            coerced = [note for note in notes if note.startswith("coerced:")]
+            if coerced and fail:
+                raise BadRow(coerced[0], _COERCED_HELP)
             line = json.dumps({"id": row_id, "source": source, **record}, ensure_ascii=False)
             try:
                 line.encode("utf-8")
@@ -137,9 +138,26 @@ class Formatted:
     formats: dict[str, str]
     dropped: Counter = field(default_factory=Counter)
     coerced: Counter = field(default_factory=Counter)
+    #: rows kept with a warning (``converter_dropped:<field>``), by note.
+    warned: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     usable: list[int] = field(default_factory=list)
     rows_with_tools: int = 0
+
+
+def _check_readable(part: Part, origin: str) -> None:
+    """A file with no rows, or none that could be read, is one error naming it (not a missing column)."""
+    where = f"{origin}: " if origin != "dataset" else ""
+    if part.records == 0:
+        raise DataError(f"{where}{part.name}: holds no rows (only a header?); give a file with data")
+    if len(part.dataset) == 0 and part.bad:
+        reasons = Counter(reason for _, reason, _ in part.bad)
+        counts = ", ".join(f"{r}={n}" for r, n in sorted(reasons.items()))
+        first = part.bad[0]
+        raise DataError(
+            f"{where}{part.name}: none of its {part.records} rows can be read ({counts}); the first, "
+            f"{part.label(first[0])}: {first[2]}. Check the file's format and encoding (UTF-8)"
+        )
 
 
 def _check_columns(part: Part, fmt: RowFormat, origin: str) -> None:
@@ -168,9 +186,10 @@ def format_source(
     Row ids continue from ``offset`` (the rows of the sources before this one).
     """
     data = spec.data
-    converter = load_converter(data.converter) if data.converter else None
+    converter = make_converter(data)
     fmts = [row_format(data, part.columns, converter) for part in parts]
     for part, fmt in zip(parts, fmts, strict=True):
+        _check_readable(part, spec.origin)
         _check_columns(part, fmt, spec.origin)
     result = Formatted(spec.name, datasets.Dataset.from_dict({}), sum(p.records for p in parts), {})
     mapped = []
@@ -209,7 +228,8 @@ def format_source(
         for reason, detail, notes, tools in zip(*(batch[c] for c in columns), strict=True):
             if reason is None:
                 result.usable.append(row)
-                result.coerced.update(notes)
+                result.coerced.update(n for n in notes if n.startswith("coerced:"))
+                result.warned.update(n for n in notes if not n.startswith("coerced:"))
                 result.rows_with_tools += bool(tools)
             else:
                 result.dropped[reason] += 1
@@ -268,6 +288,16 @@ def _log_source(result: Formatted, several: bool) -> None:
         )
         for reason, example in sorted(result.examples.items()):
             log.warning("  first %s: %s", reason, example)
+    for note, count in sorted(result.warned.items()):
+        field_name = note.split(":", 1)[-1]
+        log.warning(
+            "%sin %d of %d rows the converter's result does not contain the row's %r, a field the "
+            "templates use: the converter drops it (check that this is meant)",
+            prefix,
+            count,
+            result.rows_read,
+            field_name,
+        )
     if result.coerced:
         per_field = ", ".join(f"{r}={n}" for r, n in sorted(result.coerced.items()))
         log.warning(
@@ -339,6 +369,7 @@ def _source_manifest(
         "rows_read": result.rows_read,
         "rows_dropped": dict(sorted(result.dropped.items())),
         "rows_coerced": dict(sorted(result.coerced.items())),
+        "rows_warned": dict(sorted(result.warned.items())),
         "rows_usable": len(result.usable),
         "rows_with_tools": result.rows_with_tools,
         **chosen,

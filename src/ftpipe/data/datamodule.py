@@ -19,17 +19,18 @@ replacement would re-create the loader and lose its settings, hence the samplers
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.collate import SFTCollator
+from ftpipe.data.errors import DataError
 from ftpipe.data.packing import LengthGroupedBatchSampler, PackedDataset
-from ftpipe.data.tokenize import SFTDataset, check_chat_template_early
+from ftpipe.data.tokenize import IGNORE_INDEX, SFTDataset, check_chat_template_early
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class SFTDataModule(pl.LightningDataModule):
         per_rank = -(-len(dataset) // world)
         if per_rank < micro:
             what = f"{len(dataset)} packed rows" if packing else f"{len(dataset)} samples"
-            raise ValueError(
+            raise DataError(
                 f"the training split has {what} ({per_rank} per rank over {world} rank(s)), "
                 f"fewer than micro_batch_size {micro}: no full batch. Use more "
                 "data (max_samples, train_ratio), a smaller micro_batch_size or fewer processes."
@@ -169,14 +170,40 @@ class SFTDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        """Every rank its share of the split; the ranks' counts are evened out with label-less copies, so
+        every rank runs the same number of batches and val_loss counts each sample exactly once."""
         world, rank = self._ranks()
         if world > 1:
-            sampler = DistributedSampler(self.val_dataset, num_replicas=world, rank=rank, shuffle=False)
-            return self._loader(self.val_dataset, sampler=sampler)
+            padded = LabelFreePadding(self.val_dataset, world)
+            sampler = DistributedSampler(padded, num_replicas=world, rank=rank, shuffle=False)
+            return self._loader(padded, sampler=sampler)
         return self._loader(self.val_dataset, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, shuffle=False)
+
+
+class LabelFreePadding(Dataset):
+    """A split padded to a multiple of ``world`` samples: the extra samples are copies of the first ones
+    with every label -100, so they take a batch slot on their rank but count in no loss.
+
+    (``DistributedSampler`` would pad with the same copies, labels and all, and count them twice.)
+    """
+
+    def __init__(self, dataset: Dataset, world: int) -> None:
+        self.dataset = dataset
+        self.size = len(dataset)  # type: ignore[arg-type]
+        self.padded = -(-self.size // world) * world if self.size else 0
+
+    def __len__(self) -> int:
+        return self.padded
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < self.size:
+            return self.dataset[index]
+        item = dict(self.dataset[index % self.size])
+        item["labels"] = [IGNORE_INDEX] * len(item["labels"])
+        return item
 
 
 def _flash_attention(cfg: PipelineConfig) -> bool:

@@ -8,6 +8,7 @@ and a readable detail.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ from ftpipe.data.errors import BadRow, DataError
 
 Row = Mapping[str, Any]
 Record = dict[str, Any]
-Converter = Callable[[dict[str, Any]], Any]
 
 FORMATS = ("alpaca", "messages", "sharegpt")
 
@@ -98,43 +98,109 @@ def render_alpaca(row: Row, spec: AlpacaSpec, notes: list[str] | None = None) ->
     return {"input": template.format_map(values), "output": output}
 
 
-def load_converter(path: str) -> Converter:
-    """Import ``package.module:function``; a clear DataError when it cannot be imported."""
+def load_converter(path: str) -> Callable[[dict[str, Any]], Any]:
+    """Import ``package.module:function``; whatever goes wrong while importing it is a DataError naming it."""
     module_name, _, func_name = path.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise DataError(
-            f"converter: cannot import module {module_name!r} of {path!r} ({err}); "
+            f"converter {path}: cannot import module {module_name!r} ({err}); "
             "install it or add its folder to PYTHONPATH"
+        ) from err
+    except BaseException as err:  # the module's own code failed: a SyntaxError, an exception, an exit
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        raise DataError(
+            f"converter {path}: importing module {module_name!r} failed ({type(err).__name__}: {err}); "
+            "fix the converter's module"
         ) from err
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise DataError(f"converter: {module_name!r} has no function {func_name!r} (from {path!r})")
+        raise DataError(f"converter {path}: module {module_name!r} has no function {func_name!r}")
     return func
 
 
-def apply_converter(func: Converter, row: Row, notes: list[str] | None = None) -> Record:
-    """Run a custom converter on one row and check what it returned."""
+#: The keys a converter's result may have: one of these shapes (``tools`` only with ``messages``).
+CONVERTER_SHAPES = ({"input", "output"}, {"messages"}, {"messages", "tools"})
+
+
+@dataclass(frozen=True)
+class Converter:
+    """A user's converter and its contract (see the module notes of :func:`apply_converter`).
+
+    ``watched``: (template field, column) pairs whose text, when a row has it, a converter is expected
+    to carry into its result; ``allow_empty_prompt`` lets an ``input`` of "" through.
+    """
+
+    name: str
+    func: Callable[[dict[str, Any]], Any]
+    allow_empty_prompt: bool = False
+    watched: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, row: dict[str, Any]) -> Any:
+        return self.func(row)
+
+
+def _record_text(record: Record) -> str:
+    if "messages" in record:
+        return "\n".join(str(m.get("content") or "") for m in record["messages"])
+    return f"{record['input']}\n{record['output']}"
+
+
+def apply_converter(converter: Converter | Callable, row: Row, notes: list[str] | None = None) -> Record:
+    """Run a custom converter on one row and hold its result to the contract.
+
+    The converter gets a copy of the raw row and returns ``None`` (the row is left out, counted as
+    ``converter_dropped``), ``{"input": str, "output": str}`` (a prompt and its answer, used as they
+    are) or ``{"messages": [...], "tools": [...]}`` (a conversation, checked as chat rows are). Any other
+    key is a bad row (``converter_bad_result``): its value would be lost. An empty ``input`` is a bad row
+    (``empty_prompt``) unless ``allow_empty_prompt``. A row's text in a field the templates use that does
+    not reach the result is noted (``converter_dropped:<field>``, a warning). Whatever the converter
+    raises is a bad row (``converter_error``) naming the converter.
+    """
+    if not isinstance(converter, Converter):
+        converter = Converter(name=getattr(converter, "__qualname__", "converter"), func=converter)
+    notes = [] if notes is None else notes
     try:
-        result = func(dict(row))
+        result = converter(dict(row))
     except Exception as err:
-        raise BadRow("converter_error", f"the converter raised {type(err).__name__}: {err}") from err
+        raise BadRow(
+            "converter_error", f"the converter {converter.name} raised {type(err).__name__}: {err}"
+        ) from err
     if result is None:
-        raise BadRow("converter_dropped", "the converter returned None", fatal=False)
-    if isinstance(result, Mapping) and "messages" in result:
-        return normalize_chat_row(result, "messages", notes)
-    if isinstance(result, Mapping) and {"input", "output"} <= set(result):
+        raise BadRow("converter_dropped", f"the converter {converter.name} returned None", fatal=False)
+    if not isinstance(result, Mapping) or set(result) not in CONVERTER_SHAPES:
+        keys = sorted(map(str, result)) if isinstance(result, Mapping) else None
+        what = f"keys {keys}" if keys is not None else f"a {type(result).__name__}"
+        raise BadRow(
+            "converter_bad_result",
+            f'the converter {converter.name} returned {what}; it must return {{"input", "output"}}, '
+            '{"messages"} (optionally with "tools") or None: other keys would be lost',
+        )
+    if "messages" in result:
+        record = normalize_chat_row(result, "messages", notes)
+    else:
         text_in, text_out = result["input"], result["output"]
         if not isinstance(text_in, str) or not isinstance(text_out, str):
-            raise BadRow("converter_bad_result", "the converter's input and output must be strings")
+            raise BadRow(
+                "converter_bad_result", f"the converter {converter.name}'s input and output must be strings"
+            )
         if not text_out.strip():
-            raise BadRow("empty_output", "the converter returned an empty output")
-        return {"input": text_in, "output": text_out}
-    raise BadRow(
-        "converter_bad_result",
-        f'the converter returned {type(result).__name__}; expected {{"input", "output"}}, {{"messages"}} or None',
-    )
+            raise BadRow("empty_output", f"the converter {converter.name} returned an empty output")
+        if not text_in.strip() and not converter.allow_empty_prompt:
+            raise BadRow(
+                "empty_prompt",
+                f"the converter {converter.name} returned an empty input (set allow_empty_prompt: true if "
+                "answers without a prompt are meant)",
+            )
+        record = {"input": text_in, "output": text_out}
+    text = _record_text(record)
+    for field_name, column in converter.watched:
+        value = row.get(column)
+        if isinstance(value, str) and value.strip() and value.strip() not in text:
+            notes.append(f"converter_dropped:{field_name}")
+    return record
 
 
 @dataclass(frozen=True)
@@ -175,9 +241,30 @@ def replace_text(value: Any, replacements: dict[str, str]) -> Any:
     return value
 
 
+def make_converter(data: DataConfig) -> Converter | None:
+    """The configured converter, imported, with its contract's settings (None when there is none)."""
+    if not data.converter:
+        return None
+    spec = AlpacaSpec.from_config(data)
+    optional = set(spec.optional_fields)
+    watched = tuple(
+        (name, spec.field_mapping[name])
+        for name in spec.used_fields
+        if name not in optional and name in spec.field_mapping
+    )
+    return Converter(
+        name=data.converter,
+        func=load_converter(data.converter),
+        allow_empty_prompt=data.allow_empty_prompt,
+        watched=watched,
+    )
+
+
 def row_format(data: DataConfig, columns: Iterable[str], converter: Converter | None = None) -> RowFormat:
     """The format of a data set with these columns under this configuration."""
     if converter is not None:
-        return RowFormat("converter", converter=converter)
+        columns = set(columns)
+        watched = tuple((name, column) for name, column in converter.watched if column in columns)
+        return RowFormat("converter", converter=dataclasses.replace(converter, watched=watched))
     kind = detect_format(columns) if data.data_format == "auto" else data.data_format
     return RowFormat(kind, alpaca=AlpacaSpec.from_config(data) if kind == "alpaca" else None)

@@ -237,6 +237,10 @@ def scan_file(path: Path, work_dir: Path, fail: bool) -> JsonScan:
         raise DataError(
             f"{path}: the file is empty (no rows); give a file with data, or remove it from dataset"
         )
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in head:
+        raise DataError(
+            f"{path}: not UTF-8 text (it holds NUL bytes or a UTF-16 byte-order mark: UTF-16?); save it as UTF-8"
+        )
     if suffix == ".json":
         return (
             scan_json_array(path, work_dir, fail)

@@ -16,7 +16,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ftpipe.config.mix import SourceSettings, source_settings
-from ftpipe.config.paths import prepare_settings, prepared_data_dir, settings_hash
+from ftpipe.config.paths import check_output_folder, prepare_settings, prepared_data_dir, settings_hash
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.build import READY_MARKER, SPLIT_FILES, build_prepared, read_manifest
 from ftpipe.data.errors import DataError, PrepareTimeoutError
@@ -124,6 +124,7 @@ def _prepare_rank0(cfg: PipelineConfig, folder: Path) -> PreparedData:
     resolved = _resolve_sources(cfg)
     settings = prepare_settings(data)
     digest = settings_hash(settings)
+    check_output_folder("data_dir", folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder.parent / f".{folder.name}.lock"
     try:

@@ -228,7 +228,21 @@ def _load_file(path: Path, work_dir: Path, fail: bool) -> Part:
             str(path), ds, scan.records, scan.good, scan.label, scan.bad, raw=True, columns=scan.columns
         )
     builder = BUILDERS[suffix]
+    if builder == "parquet":
+        _check_parquet(path)
     return Part(str(path), ds := _load_file_with(builder, path, work_dir / "cache", path), len(ds))
+
+
+def _check_parquet(path: Path) -> None:
+    """A Parquet file starts and ends with ``PAR1``; anything else is named before any reader logs about it."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        fh.seek(max(path.stat().st_size - 4, 0))
+        tail = fh.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise DataError(
+            f"{path}: not a Parquet file (no PAR1 marks at its start and end); check the file's format"
+        )
 
 
 def load_parts(source: Source, subset: str | None, split: str, work_dir: Path, fail: bool) -> list[Part]:

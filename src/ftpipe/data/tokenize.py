@@ -56,10 +56,10 @@ from torch.utils.data import Dataset
 from ftpipe.config.schema import DataConfig
 from ftpipe.data import render as render_module
 from ftpipe.data.chat import ROLES, check_role_order, uses_tools
-from ftpipe.data.errors import BadRow
+from ftpipe.data.errors import BadRow, DataError
 from ftpipe.data.jsonscan import RAW_COLUMN
 from ftpipe.data.render import (  # ChatTemplateError: re-exported, part of this module's interface
-    ChatTemplateError,  # noqa: F401
+    ChatTemplateError,
     apply_reasoning,
     chat_pieces,
     check_tool_template,
@@ -183,7 +183,7 @@ def _clean_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
         msg = {k: v for k, v in dict(message).items() if v is not None}
         role, content = msg.get("role"), msg.get("content", "" if msg.get("tool_calls") else None)
         if role not in ROLES or not isinstance(content, str):
-            raise ValueError(
+            raise DataError(
                 f"{_row_name(row)}: message {i} needs a role in {ROLES} and text content, got {message!r}"
             )
         msg["content"] = content
@@ -191,7 +191,7 @@ def _clean_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
     try:
         check_role_order(messages, final_answer=False)
     except BadRow as err:
-        raise ValueError(
+        raise DataError(
             f"{_row_name(row)}: {err.detail}. Fix the row, or prepare the data with `ftpipe prepare` (it "
             "drops such rows and counts them)"
         ) from None
@@ -250,13 +250,13 @@ def _plain_prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int
 def _require_text(row: Mapping[str, Any], key: str) -> str:
     value = row.get(key)
     if not isinstance(value, str):
-        raise ValueError(f"{_row_name(row)}: field {key!r} is missing or not text ({value!r})")
+        raise DataError(f"{_row_name(row)}: field {key!r} is missing or not text ({value!r})")
     return value
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise ChatTemplateError(
             f"the tokenizer of {model_name(tokenizer)} has no EOS token, so answers cannot end; "
             "give it one (tokenizer.eos_token = ...)"
         )
@@ -502,7 +502,7 @@ def load_jsonl_rows(path: str | os.PathLike, cache_dir: str | None = None) -> da
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prepared data file {path} does not exist; run the prepare stage first")
+        raise DataError(f"prepared data file {path} does not exist; run the prepare stage first")
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "ftpipe-rows"

@@ -7,6 +7,7 @@ import os
 import torch
 
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.config.validate import ConfigError
 
 
 def accelerator_name(cfg: PipelineConfig) -> str:
@@ -17,7 +18,9 @@ def accelerator_name(cfg: PipelineConfig) -> str:
     if torch.cuda.is_available():
         return "cuda"
     if wanted == "cuda":
-        raise RuntimeError("accelerator: 'cuda' but no CUDA device is visible (set accelerator: auto or cpu)")
+        raise ConfigError(
+            ["accelerator: 'cuda' but no CUDA device is visible (set accelerator: auto or cpu)"]
+        )
     return "cpu"
 
 

@@ -11,12 +11,13 @@ from collections import Counter
 import torch
 
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 
-class DecoderLayerNotFoundError(ValueError):
+class DecoderLayerNotFoundError(FtpipeError, ValueError):
     """No decoder layer class could be identified; set ``decoder_layer_cls``."""
 
 

@@ -4,6 +4,8 @@ structure, from the model's config.json and a build on the meta device (no memor
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -183,25 +185,42 @@ def _is_gated(layer: torch.nn.Module, config, intermediate: int) -> bool:
     return str(getattr(config, "hidden_act", "")).lower() in ("silu", "swiglu", "swish")
 
 
-def model_shape(cfg: PipelineConfig) -> ModelShape:
-    """Build ``cfg``'s model on the meta device (with ftpipe's LoRA when ``finetuning`` is ``lora``) and
-    read its parameter counts and decoder-layer structure.
+#: Models with more decoder layers than this are measured on a few of them (see :func:`model_shape`).
+PROBE_ABOVE_LAYERS = 64
+_PROBE_LAYERS = 4
 
-    Raises:
-        ModelConfigUnavailable: the model's configuration cannot be read; the message says to pass a
-            local folder holding config.json.
-    """
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _with_layers(config, n: int, k: int):
+    """A copy of ``config`` with ``k`` decoder layers (per-layer lists cut to their first ``k`` entries)."""
+    probe = copy.deepcopy(config)
+    text = _text_config(probe)
+    for name, value in list(vars(text).items()):
+        if isinstance(value, list | tuple) and len(value) == n:
+            setattr(text, name, type(value)(value[:k]))
+    text.num_hidden_layers = k
+    return probe
+
+
+def _probe_count(text, n: int) -> int:
+    """Enough layers to meet every kind of layer the configuration lists (``layer_types``)."""
+    kinds = getattr(text, "layer_types", None)
+    firsts = (
+        [list(kinds).index(kind) + 1 for kind in dict.fromkeys(kinds)]
+        if isinstance(kinds, list | tuple)
+        else []
+    )
+    return min(n, max(_PROBE_LAYERS, *firsts, 0))
+
+
+def _build(cfg: PipelineConfig, config) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from ftpipe.model.lora import apply_lora
 
-    config = _load_config(cfg)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = int(text.hidden_size)
-    heads = int(text.num_attention_heads)
-    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             config, trust_remote_code=cfg.model.trust_remote_code, attn_implementation="eager"
@@ -210,9 +229,48 @@ def model_shape(cfg: PipelineConfig) -> ModelShape:
             model = apply_lora(model, cfg, announce=False)
         else:
             model.requires_grad_(True)
-    stats = parameter_stats(model)
+    return model
+
+
+def model_shape(cfg: PipelineConfig, probe_above: int = PROBE_ABOVE_LAYERS) -> ModelShape:
+    """Build ``cfg``'s model on the meta device (with ftpipe's LoRA when ``finetuning`` is ``lora``) and
+    read its parameter counts and decoder-layer structure.
+
+    A model of more than ``probe_above`` decoder layers is built with a few of them (every kind its
+    configuration lists) and counted: when those layers are alike, the others are counted as copies of
+    them, so a configuration of 20,000 layers answers in seconds; when they differ, the whole model is
+    built.
+
+    Raises:
+        ModelConfigUnavailable: the model's configuration cannot be read; the message says to pass a
+            local folder holding config.json.
+    """
+    config = _load_config(cfg)
+    text = _text_config(config)
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    n_layers = int(text.num_hidden_layers)
+    probe = _probe_count(text, n_layers) if n_layers > probe_above else n_layers
+    model = _build(cfg, _with_layers(config, n_layers, probe) if probe < n_layers else config)
     classes = tuple(find_decoder_layer_classes(model, cfg.model.decoder_layer_cls))
     layers = [m for m in model.modules() if isinstance(m, classes)]
+    if probe < n_layers and len({parameter_stats(layer) for layer in layers}) != 1:
+        log.info("the first %d decoder layers differ: building all %d to count them", probe, n_layers)
+        probe = n_layers
+        model = _build(cfg, config)
+        layers = [m for m in model.modules() if isinstance(m, classes)]
+    stats = parameter_stats(model)
+    if probe < n_layers:  # the other layers are copies of the probed ones
+        extra, layer = n_layers - probe, parameter_stats(layers[0])
+        stats = dataclasses.replace(
+            stats,
+            total=stats.total + extra * layer.total,
+            trainable=stats.trainable + extra * layer.trainable,
+            base=stats.base + extra * layer.base,
+        )
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     outside = [p for p in model.parameters() if id(p) not in in_layers]
     largest = max(layers, key=lambda m: sum(p.numel() for p in m.parameters()))
@@ -222,7 +280,7 @@ def model_shape(cfg: PipelineConfig) -> ModelShape:
         architecture=type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_layers=len(layers),
+        num_layers=len(layers) + (n_layers - probe),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,

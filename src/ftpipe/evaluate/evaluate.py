@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.config import results_root, validate_config
+from ftpipe.config.paths import check_output_folder
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
@@ -181,6 +182,7 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
 
     start = time.monotonic()
     cfg = validate_config(cfg)
+    check_output_folder("eval_dir" if cfg.eval.eval_dir else "results_dir", eval_dir(cfg))
     prepared = prepare_data(cfg)
     rows = read_jsonl(prepared.test_file)
     if cfg.eval.max_eval_samples is not None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger, setup_logging
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ Backend = Literal["auto", "vllm", "transformers"]
 _TAIL_LINES = 40
 
 
-class GenerationError(RuntimeError):
+class GenerationError(FtpipeError, RuntimeError):
     """Generation could not run; the message says which setting or install to change."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ DEFAULT_BERTSCORE_LAYERS = 6
 IGNORE_INDEX = -100
 
 
-class MetricsError(RuntimeError):
+class MetricsError(FtpipeError, RuntimeError):
     """A score cannot be computed; the message says what to install or change."""
 
 
@@ -265,8 +266,9 @@ def loss_and_perplexity(
     finally:
         model.train(was_training)
     if total_tokens == 0:
-        raise ValueError(
-            f"no answer tokens (labels != {IGNORE_INDEX}) in {len(examples)} examples: nothing to score"
+        raise MetricsError(
+            f"no answer tokens (labels != {IGNORE_INDEX}) in {len(examples)} examples: nothing to score "
+            "(every test answer is empty or cut by max_seq_length)"
         )
     loss = total_nll / total_tokens
     perplexity = math.exp(loss) if loss < 700 else math.inf

@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,22 +84,62 @@ def _why_refused(err: BaseException) -> str:
     return f"{type(err).__name__}: {(named or lines or [''])[0]}"
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """True for a zip archive (what ``torch.save`` writes) or a pickle (its legacy format)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x80"  # a pickle's PROTO opcode
+
+
 def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int | None]:
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(
+            f"checkpoint {path}: not a checkpoint file (neither a zip archive written by torch.save nor a "
+            "pickle); give a .ckpt written by `ftpipe train`, best, last, or a distributed-checkpoint folder"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
+    except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint {path}: cannot be read with torch.load(weights_only=True) ({_why_refused(err)}); "
             "only checkpoints of plain tensors and Python values are accepted, because unpickling other "
             "objects can run code. Use a checkpoint written by `ftpipe train`, or re-save the file's "
             "state_dict of tensors where you trust it"
         ) from err
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "the file is damaged or not a checkpoint"
+        ) from err
+    return _checked_structure(path, ckpt)
+
+
+def _checked_structure(path: Path, ckpt: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], int | None]:
+    """The weights, ftpipe metadata and step of a loaded checkpoint, its structure checked before any
+    weight is used: a mapping whose ``state_dict`` (or ``model``) maps names to tensors."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(
+            f"checkpoint {path}: holds a {type(ckpt).__name__}, not a checkpoint (a mapping with 'state_dict')"
+        )
     weights = ckpt.get("state_dict")
     if weights is None:
         weights = ckpt.get("model")
     if not isinstance(weights, dict) or not weights:
         raise CheckpointError(f"checkpoint {path}: no model weights (neither 'state_dict' nor 'model')")
-    return dict(weights), dict(ckpt.get(META_KEY) or {}), ckpt.get("global_step")
+    for key, value in weights.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"checkpoint {path}: state_dict entry {key!r} holds a {type(value).__name__}, not a tensor; "
+                "the file is not a model checkpoint"
+            )
+    meta = ckpt.get(META_KEY) or {}
+    step = ckpt.get("global_step")
+    return (
+        dict(weights),
+        dict(meta) if isinstance(meta, dict) else {},
+        step if isinstance(step, int) else None,
+    )
 
 
 #: (module, name) pairs a distributed checkpoint's ``.metadata`` pickle may refer to.

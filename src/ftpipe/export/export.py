@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from ftpipe.config import checkpoints_dir, results_root, save_config
-from ftpipe.config.paths import EMBEDDED_MODEL_ID, run_checkpoint_dirs
+from ftpipe.config.paths import EMBEDDED_MODEL_ID, check_output_folder, run_checkpoint_dirs
 from ftpipe.config.schema import EMBEDDED_MODEL, PipelineConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.export.checkpoint import CheckpointWeights, is_lora_key, read_checkpoint
+from ftpipe.utils.folders import recover, staging_dir, swap_in
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -249,15 +250,14 @@ def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _fresh(folder: Path) -> None:
-    """An empty output folder; only a previous export (with its ftpipe_export.json) is replaced."""
-    if folder.exists() and any(folder.iterdir()):
-        if not (folder / EXPORT_INFO_FILE).is_file():
-            raise ExportError(
-                f"export_dir: {folder} exists and is not an ftpipe export; choose an empty or new folder"
-            )
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def _check_target(cfg: PipelineConfig, folder: Path) -> None:
+    """Before any work: the export can go to ``folder`` (new, empty, or a previous ftpipe export)."""
+    field = "export_dir" if cfg.export.export_dir else "results_dir"
+    check_output_folder(field, folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / EXPORT_INFO_FILE).is_file():
+        raise ExportError(
+            f"export_dir: {folder} exists and is not an ftpipe export; choose an empty or new folder"
+        )
 
 
 def _save_tokenizer(cfg: PipelineConfig, folder: Path) -> None:
@@ -271,8 +271,13 @@ def _save_tokenizer(cfg: PipelineConfig, folder: Path) -> None:
 
 
 def export_model(cfg: PipelineConfig) -> ExportResult:
-    """Export ``cfg``'s checkpoint (``checkpoint``: best / last / a path) to a Hugging Face folder."""
-    from transformers import AutoConfig
+    """Export ``cfg``'s checkpoint (``checkpoint``: best / last / a path) to a Hugging Face folder.
+
+    Everything is checked before anything is written (the target folder, the checkpoint's structure,
+    the base model's configuration); the export is written to a staging folder beside the target and
+    swapped in only when complete, so a failure or a kill at any point leaves the previous export whole.
+    """
+    from ftpipe.model.load import load_model_config
 
     start = time.monotonic()
     ckpt_path = resolve_checkpoint(cfg)
@@ -290,40 +295,19 @@ def export_model(cfg: PipelineConfig) -> ExportResult:
     kind = ("merged" if cfg.export.merge else "adapter") if lora else "full"
     if not lora and not cfg.export.merge:
         log.info("merge: false has no meaning for a full fine-tune: writing the whole model")
-    base_path = _base_path(cfg)
-    dtype = _export_dtype(
-        cfg, AutoConfig.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
-    )
     out = default_export_dir(cfg, kind)
-    _fresh(out)
-
-    if kind == "full":
-        model = _build_full(cfg, ckpt, base_path, dtype)
-    else:
-        model = _build_lora(cfg, ckpt, base_path, dtype)
-    del ckpt  # the weights now live in the model
-    if kind == "adapter":
-        model.peft_config["default"].base_model_name_or_path = base_model_name(cfg)
-        model.save_pretrained(out, safe_serialization=True)
-    else:
-        if kind == "merged":
-            model = model.merge_and_unload()  # in place: the base layers absorb the adapters
-        model.config.use_cache = True
-        model.save_pretrained(out, safe_serialization=True, max_shard_size=cfg.export.max_shard_size)
-    _save_tokenizer(cfg, out)
-    save_config(cfg, out)
-    result = ExportResult(
-        path=str(out),
-        kind=kind,
-        checkpoint=str(ckpt_path),
-        base_model=base_model_name(cfg),
-        base_model_path=str(Path(base_path).resolve()) if Path(base_path).exists() else base_path,
-        dtype=str(dtype).removeprefix("torch."),
-        size_bytes=0,
-        seconds=0.0,
-    )
-    info = {**result.to_dict(), "base_model_local_path": result.base_model_path}
-    (out / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    _check_target(cfg, out)
+    dtype = _export_dtype(cfg, load_model_config(cfg))
+    base_path = _base_path(cfg)
+    recover(out)
+    staging = staging_dir(out)
+    staging.mkdir(parents=True)
+    try:
+        result = _write_export(cfg, ckpt, kind, base_path, dtype, staging, out)
+        swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     result.size_bytes = _folder_size(out)
     result.seconds = time.monotonic() - start
     log.info(
@@ -334,4 +318,45 @@ def export_model(cfg: PipelineConfig) -> ExportResult:
         result.dtype,
         result.seconds,
     )
+    return result
+
+
+def _write_export(
+    cfg: PipelineConfig,
+    ckpt: CheckpointWeights,
+    kind: str,
+    base_path: str,
+    dtype: torch.dtype,
+    folder: Path,
+    out: Path,
+) -> ExportResult:
+    """Build the model from the checkpoint and save it, its tokenizer, config and export info in ``folder``
+    (``out`` is where it will be)."""
+    if kind == "full":
+        model = _build_full(cfg, ckpt, base_path, dtype)
+    else:
+        model = _build_lora(cfg, ckpt, base_path, dtype)
+    if kind == "adapter":
+        model.peft_config["default"].base_model_name_or_path = base_model_name(cfg)
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        if kind == "merged":
+            model = model.merge_and_unload()  # in place: the base layers absorb the adapters
+        model.config.use_cache = True
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size=cfg.export.max_shard_size)
+    del model
+    _save_tokenizer(cfg, folder)
+    save_config(cfg, folder)
+    result = ExportResult(
+        path=str(out),
+        kind=kind,
+        checkpoint=str(ckpt.path),
+        base_model=base_model_name(cfg),
+        base_model_path=str(Path(base_path).resolve()) if Path(base_path).exists() else base_path,
+        dtype=str(dtype).removeprefix("torch."),
+        size_bytes=0,
+        seconds=0.0,
+    )
+    info = {**result.to_dict(), "base_model_local_path": result.base_model_path}
+    (folder / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return result

@@ -23,6 +23,8 @@ def _offline() -> bool:
 
 def load_hint(model_id: str, path: str | Path, err: BaseException) -> str:
     """What to do when ``AutoConfig`` / ``AutoTokenizer`` cannot load ``model_id`` (resolved to ``path``)."""
+    if "Validation" in type(err).__name__:
+        return "its config.json holds values transformers refuses"
     if "trust_remote_code" in str(err):
         return "the model needs code from its repository: set trust_remote_code: true if you trust it"
     if Path(path).expanduser().is_dir():
@@ -37,6 +39,9 @@ def load_hint(model_id: str, path: str | Path, err: BaseException) -> str:
 
 
 def short_reason(err: BaseException) -> str:
-    """The first line of ``err`` (transformers' messages run over several lines of generic advice)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+    """The first line of ``err`` (transformers' messages run over several lines of generic advice); a
+    configuration validation error keeps its lines, which name the refused values."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if "Validation" in type(err).__name__:
+        return f"{type(err).__name__}: {' '.join(lines)}"
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

@@ -8,7 +8,9 @@ rank 0 reads the weights and FSDP broadcasts them (``sync_module_states``).
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.config.validate import ConfigError
 from ftpipe.distributed.checkpointing import apply_activation_checkpointing
 from ftpipe.distributed.devices import accelerator_name
 from ftpipe.distributed.fsdp2 import shard_model
@@ -39,12 +42,12 @@ def _precision_and_reason(cfg: PipelineConfig) -> tuple[str, str]:
     device = accelerator_name(cfg)
     if configured != "auto":
         if device == "cpu" and configured.startswith("16"):
-            raise ValueError(
-                f"precision: {configured!r} needs a CUDA GPU (fp16 autocast); on the CPU use '32-true'"
+            raise ConfigError(
+                [f"precision: {configured!r} needs a CUDA GPU (fp16 autocast); on the CPU use '32-true'"]
             )
         if device == "cuda" and configured.startswith("bf16") and not torch.cuda.is_bf16_supported():
-            raise ValueError(
-                f"precision: {configured!r} but this GPU does not support bf16; use '16-mixed' or '32-true'"
+            raise ConfigError(
+                [f"precision: {configured!r} but this GPU does not support bf16; use '16-mixed' or '32-true'"]
             )
         if device == "cpu" and configured.startswith("bf16"):
             log.warning("precision %s on the CPU: bf16 is emulated on most CPUs and very slow", configured)
@@ -93,10 +96,12 @@ def select_attn_implementation(cfg: PipelineConfig, device_type: str, *, precisi
         if not half:
             problems.append(f"precision {precision!r} is fp32, flash-attention needs bf16/fp16")
         if problems:
-            raise ValueError(
-                "attn_implementation: flash_attention_2 cannot be used: "
-                + "; ".join(problems)
-                + " (allowed: auto, sdpa, eager)"
+            raise ConfigError(
+                [
+                    "attn_implementation: flash_attention_2 cannot be used: "
+                    + "; ".join(problems)
+                    + " (allowed: auto, sdpa, eager)"
+                ]
             )
         choice, reason = configured, "configured"
     elif configured != "auto":
@@ -124,12 +129,69 @@ def load_model_config(cfg: PipelineConfig) -> transformers.PretrainedConfig:
     path = resolve_model_path(model_id, cfg.model.model_cache_dir)
     if cfg.model.trust_remote_code:
         log.warning("trust_remote_code is on: code from the model repository %s will run here", model_id)
+    local = Path(path) / "config.json"
+    if local.is_file():  # checked as written, before transformers builds anything from it
+        try:
+            raw = json.loads(local.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"hf_model_id: {local} is not valid JSON ({err}); fix it or choose another hf_model_id"
+            ) from err
+        _raise_config_problems(model_id, config_problems(raw if isinstance(raw, dict) else {}))
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as err:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as err:  # a user's config.json: any failure to read it is theirs to fix
         raise ModelLoadError(
             f"hf_model_id: cannot load {model_id!r}: {load_hint(model_id, path, err)} ({short_reason(err)})"
         ) from err
+    _raise_config_problems(model_id, config_problems(config))
+    return config
+
+
+def _raise_config_problems(model_id: str, problems: list[str]) -> None:
+    if problems:
+        raise ModelLoadError(
+            f"hf_model_id: the configuration (config.json) of {model_id!r} cannot describe a model: "
+            + "; ".join(problems)
+            + ". Fix config.json or choose another hf_model_id"
+        )
+
+
+_POSITIVE_SIZES = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "vocab_size",
+    "intermediate_size",
+)
+
+
+def config_problems(config: transformers.PretrainedConfig | dict) -> list[str]:
+    """What makes a causal LM's configuration (an object, or config.json as read) unusable before anything
+    is built from it: sizes that are not positive whole numbers, attention heads that do not divide the
+    hidden size (without an explicit head_dim), key/value heads that do not divide the attention heads."""
+    names = (*_POSITIVE_SIZES, "num_key_value_heads", "head_dim")
+    if isinstance(config, dict):
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        values = {name: text.get(name) for name in names}
+    else:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        values = {name: getattr(text, name, None) for name in names}
+    problems = [
+        f"{name} is {value!r} (must be a whole number > 0)"
+        for name, value in values.items()
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0)
+    ]
+    if problems:
+        return problems
+    hidden, heads, kv, head_dim = (
+        values[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    )
+    if hidden and heads and head_dim is None and hidden % heads:
+        problems.append(f"num_attention_heads {heads} does not divide hidden_size {hidden}")
+    if heads and kv and heads % kv:
+        problems.append(f"num_key_value_heads {kv} does not divide num_attention_heads {heads}")
+    return problems
 
 
 def _prepared_config(cfg: PipelineConfig, device_type: str, precision: str) -> transformers.PretrainedConfig:

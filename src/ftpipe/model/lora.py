@@ -9,12 +9,13 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 
-class LoraTargetError(ValueError):
+class LoraTargetError(FtpipeError, ValueError):
     """A configured LoRA target module does not exist in the model."""
 
 

@@ -37,7 +37,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
                 tokenizer.pad_token_id,
             )
             return tokenizer
-    raise ValueError(
+    raise TokenizerLoadError(
         f"tokenizer of {name} has no pad, EOS or unknown token to pad with; "
         "give it a pad token (tokenizer.pad_token = ...) or choose another hf_model_id"
     )
@@ -56,7 +56,7 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         log.warning("trust_remote_code is on: %s may run its own Python code while loading", path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # the model's own tokenizer files: any failure to read them is the model's
         model_id = model_cfg.hf_model_id
         raise TokenizerLoadError(
             f"hf_model_id: cannot load the tokenizer of {model_id!r}: {load_hint(model_id, path, err)} "

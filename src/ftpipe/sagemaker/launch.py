@@ -24,6 +24,7 @@ from typing import Any
 import ftpipe
 from ftpipe.config.schema import PipelineConfig, SageMakerConfig
 from ftpipe.sagemaker.errors import AWSCredentialsError, SageMakerLaunchError
+from ftpipe.sagemaker.instances import closest_known, gpu_count
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -157,15 +158,37 @@ def _sdk():
     return sdk
 
 
+def instance_gpus(instance_type: str, sdk_count: int | None) -> int | None:
+    """The GPUs of one instance: ftpipe's table, else the SDK's; an unknown type gets a warning naming the
+    closest known one."""
+    gpus = gpu_count(instance_type)
+    if gpus is None:
+        gpus = sdk_count
+    if gpus is None:
+        closest = closest_known(instance_type)
+        log.warning(
+            "instance_type %s is not a SageMaker training instance type ftpipe knows%s; its GPU count "
+            "cannot be checked against gpus_per_node",
+            instance_type,
+            f" (did you mean {closest}?)" if closest else "",
+        )
+    return gpus
+
+
 def _processes_per_host(cfg: PipelineConfig, gpus: int | None) -> int:
     """``gpus_per_node`` torchrun processes per instance, checked against the instance's GPUs."""
     wanted, instance_type = cfg.train.gpus_per_node, cfg.sagemaker.instance_type
-    if gpus is not None and wanted > gpus:
+    if gpus == 0 and wanted > 1:
+        raise SageMakerLaunchError(
+            f"gpus_per_node: {wanted} processes per instance, but {instance_type} is a CPU instance (no GPU): "
+            "choose a GPU instance type (e.g. ml.g5.12xlarge, ml.p4d.24xlarge) or set --gpus_per_node 1"
+        )
+    if gpus and wanted > gpus:
         raise SageMakerLaunchError(
             f"gpus_per_node: {wanted} processes per instance, but {instance_type} has {gpus} GPU(s): "
             f"set --gpus_per_node {gpus}"
         )
-    if gpus is not None and wanted < gpus:
+    if gpus and wanted < gpus:
         log.warning("gpus_per_node %d: %d of the %d GPUs of %s are used", wanted, wanted, gpus, instance_type)
     return wanted
 
@@ -215,10 +238,12 @@ def launch(cfg: PipelineConfig) -> dict[str, Any]:
                 "region: unset and no AWS region configured; set --region or AWS_DEFAULT_REGION"
             )
         role, data = sm.role, sm.training_data_s3_uri
+    processes = _processes_per_host(
+        cfg, instance_gpus(sm.instance_type, sdk.instance_gpu_count(region, sm.instance_type))
+    )
     image = sm.image_uri or sdk.training_image_uri(
         region, sm.framework_version, sm.py_version, sm.instance_type
     )
-    processes = _processes_per_host(cfg, sdk.instance_gpu_count(region, sm.instance_type))
     max_wait = sm.max_wait_s if sm.max_wait_s is not None else 2 * sm.max_run_s
     log.info(
         "SageMaker job %s: %d x %s, %d torchrun process(es) each, image %s, %s, %d hyperparameter(s)",

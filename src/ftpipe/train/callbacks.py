@@ -89,10 +89,32 @@ def _reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
     return t
 
 
+def keep_history(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` (a ``metrics.jsonl``) whose step is at most ``step`` (the checkpoint a
+    run resumes from; 0 for a fresh run), dropping later and unreadable lines; rewritten atomically."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed run
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+    if kept:
+        log.info("%s: kept the %d lines of steps up to %d (resumed run)", path, len(kept), step)
+
+
 class StepMetrics(Callback):
     """Per optimizer step: tokens/s, MFU and peak memory to the logger and ``metrics.jsonl`` (rank 0).
 
-    ``metrics.jsonl`` gets one line per optimizer step (step, loss, lr, grad_norm, tokens,
+    ``metrics.jsonl`` keeps the history of the run: a fresh run starts it empty, a resumed one keeps
+    the lines of the steps up to its checkpoint (:func:`keep_history`) and appends. It gets one line
+    per optimizer step (step, loss, lr, grad_norm, tokens,
     label_tokens, padded_tokens, tokens_per_s, mfu, peak_mem_gib, step_time_s) and one per validation
     (step, val_loss). The step time is the time spent in the step's training batches (validation
     and checkpointing excluded). ``summary`` holds the totals at the end (also written to
@@ -141,13 +163,12 @@ class StepMetrics(Callback):
                 self.peak_tflops_total,
                 trainer.world_size,
             )
-        if trainer.is_global_zero and self.metrics_path is not None:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.write_text("", encoding="utf-8")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+        if trainer.is_global_zero and self.metrics_path is not None:
+            keep_history(self.metrics_path, trainer.global_step)
 
     def _write(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
         if trainer.is_global_zero and self.metrics_path is not None:

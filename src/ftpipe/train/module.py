@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.data.errors import DataError
 from ftpipe.data.tokenize import IGNORE_INDEX
 from ftpipe.errors import FtpipeError
 from ftpipe.train.loss import ChunkedLossHead, check_model_numerics, shifted_token_loss_sum
@@ -452,7 +453,10 @@ class SFTModule(pl.LightningModule):
         totals = _all_reduce_sum(self._val_acc.to(self.device)).cpu()
         loss_sum, n_label = float(totals[0]), float(totals[1])
         if n_label == 0:
-            raise RuntimeError("validation saw no label tokens: check val_ratio and limit_val_batches")
+            raise DataError(
+                "validation saw no label tokens (every validation sample has an empty or cut answer): "
+                "check val_ratio, limit_val_batches and max_seq_length"
+            )
         val_loss = torch.tensor(loss_sum / n_label, dtype=torch.float32)
         self.last_val_loss = float(val_loss)  # the value the checkpoint and early-stopping callbacks compare
         # The value is already the same on every rank: no further sync.

@@ -9,6 +9,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ftpipe.config.schema import TrainConfig
+from ftpipe.config.validate import ConfigError
 
 #: Wrapper prefixes that FSDP1, activation checkpointing and torch.compile add to parameter names.
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -53,7 +54,7 @@ def param_groups(
     ]
     groups = [g for g in groups if g["params"]]
     if not groups:
-        raise ValueError("no trainable parameters: check finetuning and lora_target_modules")
+        raise ConfigError(["finetuning / lora_target_modules: no trainable parameters in the model"])
     return groups
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ftpipe.config import results_root, save_config, tb_logs_dir, validate_config
+from ftpipe.config.paths import check_output_folder
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.devices import leave_process_group
 from ftpipe.errors import StoppedResumable
@@ -115,11 +116,15 @@ def train(cfg: PipelineConfig) -> TrainResult:
     threads = set_cpu_threads(cfg)
     _warn_torchrun_shared_store()
     root = results_root(cfg)
+    check_output_folder("results_dir", root)
+    if cfg.train.checkpoint_dir:
+        check_output_folder("checkpoint_dir", Path(cfg.train.checkpoint_dir))
+    # the model id and the data are checked (tokenizer, preparation) before anything is written for the run
+    tokenizer, _ = _prepare_inputs(cfg)
     if global_rank() == 0:
         saved = save_config(cfg, root)
         log.info("resolved configuration saved to %s (%d torch thread(s) per rank)", saved, threads)
 
-    tokenizer, _ = _prepare_inputs(cfg)
     datamodule = SFTDataModule(cfg, tokenizer)
     module = SFTModule(cfg)
     resume_from = resolve_resume(cfg)
