@@ -116,7 +116,7 @@ def _print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "benchmark.yaml")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     parser.add_argument("--strategies", default="fsdp2", help="comma-separated: fsdp2,fsdp1,ddp")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report")

@@ -1,7 +1,7 @@
 """ftpipe against TRL's SFTTrainer with PEFT LoRA, on the same machine in one invocation.
 
 Both sides train the same base model (the embedded SmolLM2-135M-Instruct, fp32, CPU) with the same LoRA,
-data (ftpipe's prepared split of ``configs/demo.yaml``), maximum length, micro-batch rows, global batch
+data (ftpipe's prepared split of ``configs/benchmark.yaml``), maximum length, micro-batch rows, global batch
 (rows per optimizer step), optimizer (AdamW), schedule (linear warm-up, cosine to ``min_lr``), clipping,
 activation checkpointing and step count, without evaluation. The data is prepared once with ``ftpipe
 prepare``; then every variant runs ``--repeats`` times, interleaved (ftpipe, TRL, ftpipe, TRL, ...) so
@@ -695,7 +695,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "benchmark.yaml")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant")
     parser.add_argument(

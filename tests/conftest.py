@@ -1,4 +1,4 @@
-"""Shared fixtures: offline hub, the shared data folder, the embedded model and its tokenizer."""
+"""Shared fixtures: offline hub, the project's example data, the embedded model and its tokenizer."""
 
 from __future__ import annotations
 
@@ -20,17 +20,15 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data`` beside the checkout (override with FTPIPE_SHARED_DATA)."""
-    folder = Path(os.environ.get("FTPIPE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-    if not (folder / "alpaca_en_demo.json").is_file():
-        pytest.fail(f"shared data not found in {folder}; set FTPIPE_SHARED_DATA")
-    return folder
+def examples() -> Path:
+    """The project's own example data (written by the seeded scripts beside each data set)."""
+    return REPO_ROOT / "examples"
 
 
 @pytest.fixture(scope="session")
-def alpaca_demo(shared_data: Path) -> Path:
-    return shared_data / "alpaca_en_demo.json"
+def alpaca_demo(examples: Path) -> Path:
+    """999 alpaca-style rows (examples/alpaca/make_data.py)."""
+    return examples / "alpaca" / "instructions.json"
 
 
 @pytest.fixture(scope="session")

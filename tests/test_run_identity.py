@@ -55,8 +55,8 @@ def _answers(model_path: str | Path, cfg) -> list[str]:
 
 
 @pytest.mark.timeout(900)
-def test_run_teaches_the_model_its_new_name(tmp_path, shared_data, run_ftpipe):
-    identity = shared_data / "identity.json"
+def test_run_teaches_the_model_its_new_name(tmp_path, examples, run_ftpipe):
+    identity = examples / "identity" / "identity.json"
     instructions = {row["instruction"].strip().lower() for row in json.loads(identity.read_text())}
     assert not [q for q in NEW_QUESTIONS if q.strip().lower() in instructions]
 
@@ -92,7 +92,7 @@ def test_run_teaches_the_model_its_new_name(tmp_path, shared_data, run_ftpipe):
 
 
 @pytest.mark.timeout(60)
-def test_text_replacements_fill_every_string_and_change_the_prepared_folder(tmp_path, shared_data):
+def test_text_replacements_fill_every_string_and_change_the_prepared_folder(tmp_path, examples):
     from ftpipe.config import PipelineConfig, prepared_data_dir
     from ftpipe.data.formats import replace_text
     from ftpipe.data.prepare import prepare_data, read_jsonl
@@ -108,7 +108,11 @@ def test_text_replacements_fill_every_string_and_change_the_prepared_folder(tmp_
         "output": "I am Nova by Seedworks",
         "n": 3,
     }
-    flat = {"dataset": str(shared_data / "identity.json"), "dataset_subset": None, "data_dir": str(tmp_path)}
+    flat = {
+        "dataset": str(examples / "identity" / "identity.json"),
+        "dataset_subset": None,
+        "data_dir": str(tmp_path),
+    }
     plain, filled = (
         PipelineConfig.from_flat(flat),
         PipelineConfig.from_flat({**flat, "text_replacements": swaps}),
@@ -119,6 +123,6 @@ def test_text_replacements_fill_every_string_and_change_the_prepared_folder(tmp_
         r for split in ("train_file", "val_file", "test_file") for r in read_jsonl(getattr(prepared, split))
     ]
     assert len(rows) == 91 and not [r for r in rows if "{{" in json.dumps(r, ensure_ascii=False)]
-    raw = json.loads((shared_data / "identity.json").read_text())
+    raw = json.loads((examples / "identity" / "identity.json").read_text())
     expected = sum("{{name}}" in r["output"] for r in raw)
     assert expected > 50 and sum("Nova" in r["output"] for r in rows) == expected

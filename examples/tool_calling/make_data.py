@@ -2,6 +2,8 @@
 
     python examples/tool_calling/make_data.py [--rows 800] [--seed 0] [--out examples/tool_calling/tool_calls.jsonl]
 
+(also writes ``tools.json`` beside it: all the function schemas, for ``ftpipe chat --tools``)
+
 Every row has a ``tools`` column (a JSON string of 2 or 3 function schemas: the one the request needs
 and distractors) and ``conversations`` in the public ShareGPT layout (``human``, ``gpt``,
 ``function_call``, ``observation``). Every conversation ends with a ``function_call`` turn, so every
@@ -300,6 +302,12 @@ def write(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
+def write_tools(path: Path) -> Path:
+    """Every function schema as one JSON list (``ftpipe chat --tools``)."""
+    path.write_text(json.dumps(list(FUNCTIONS.values()), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=800)
@@ -307,6 +315,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "tool_calls.jsonl")
     args = parser.parse_args()
     print(write(args.out, args.rows, args.seed))
+    print(write_tools(args.out.with_name("tools.json")))
 
 
 if __name__ == "__main__":

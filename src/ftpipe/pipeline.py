@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ftpipe.config import validate_config
@@ -116,6 +117,7 @@ def _export_and_evaluate(
     """Rank 0 after training: export the checkpoint, evaluate, log where everything is."""
     from ftpipe.evaluate.evaluate import evaluate
     from ftpipe.export.export import export_model
+    from ftpipe.train.tracking import log_evaluation
 
     mark = time.monotonic()
     checkpoint = cfg.export.checkpoint
@@ -130,6 +132,10 @@ def _export_and_evaluate(
     mark = time.monotonic()
     evaluated = evaluate(cfg, finetuned_path=None if exported.kind == "adapter" else exported.path)
     seconds["evaluate"] = time.monotonic() - mark
+    report_files = [Path(evaluated.report_md), Path(evaluated.report_json), *map(Path, evaluated.plots)]
+    log_evaluation(
+        cfg, trained.checkpoint_dir, {"base": evaluated.base, "finetuned": evaluated.finetuned}, report_files
+    )
     seconds["total"] = time.monotonic() - start
 
     result = RunResult(

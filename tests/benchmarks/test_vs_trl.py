@@ -138,7 +138,7 @@ def test_accumulation_reaches_the_same_global_batch(vs_trl, tmp_path):
         ["--ftpipe-strategy", "single", "--trl-processes", "1", "--model", str(tmp_path)]
     )
     s = vs_trl.build_settings(args, tmp_path)
-    assert (s.micro_batch_size, s.global_batch) == (2, 4)  # configs/demo.yaml: 2 rows x 2 processes
+    assert (s.micro_batch_size, s.global_batch) == (2, 4)  # configs/benchmark.yaml: 2 rows x 2 processes
     assert s.accumulation(1) == 2 and s.accumulation(2) == 1
     assert s.warmup_steps == 3 and s.lora["r"] == 32 and s.optim["learning_rate"] == 3e-4
     cmd = vs_trl.ftpipe_command(s, vs_trl.VARIANTS["ftpipe-packed"], tmp_path)

@@ -176,7 +176,7 @@ def test_self_documenting_paths(tmp_path: Path):
     assert checkpoints_dir(cfg) == tmp_path / "r" / "Qwen" / "Qwen3-8B" / "checkpoints"
     assert tb_logs_dir(cfg) == tmp_path / "r" / "Qwen" / "Qwen3-8B" / "tb_logs"
     assert model_slug("embedded") == Path(EMBEDDED_MODEL_ID)
-    assert dataset_slug("../shared/data/alpaca_en_demo.json") == Path("local/alpaca_en_demo")
+    assert dataset_slug("../other/data/alpaca_en_demo.json") == Path("local/alpaca_en_demo")
     assert (
         dataset_slug("data/*.jsonl") == Path("local/data") or dataset_slug("data/*.jsonl").parts[0] == "local"
     )

@@ -53,9 +53,7 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 def test_cli_prepares_the_demo_into_the_self_documenting_folder(alpaca_demo, tmp_path):
     result = run_command(["prepare", "--dataset", str(alpaca_demo), "--data_dir", str(tmp_path)])
-    assert result.folder.relative_to(tmp_path) == Path(
-        "local/alpaca_en_demo/default/train=90%-val=5%-test=5%"
-    )
+    assert result.folder.relative_to(tmp_path) == Path("local/instructions/default/train=90%-val=5%-test=5%")
     assert sorted(p.name for p in result.folder.iterdir()) == sorted(
         [".data_ready", "config.yaml", "manifest.json", *FILES]
     )
@@ -84,7 +82,7 @@ def test_cli_prepares_the_demo_into_the_self_documenting_folder(alpaca_demo, tmp
     assert source[0]["input"] == ""
     assert first == {
         "id": 0,
-        "source": "alpaca_en_demo",
+        "source": "instructions",
         "input": ALPACA_PROMPT_NO_INPUT.format(**source[0]),
         "output": source[0]["output"],
     }
@@ -184,7 +182,7 @@ def test_other_rank_times_out_with_a_clear_error(alpaca_demo, tmp_path, monkeypa
     assert time.monotonic() - start < 3
     message = str(err.value)
     assert message.startswith("rank 1: waited 0.3 s for rank 0")
-    assert str(tmp_path / "local/alpaca_en_demo/default") in message and "prepare_timeout_s" in message
+    assert str(tmp_path / "local/instructions/default") in message and "prepare_timeout_s" in message
     assert not (tmp_path / "local").exists() or not any((tmp_path / "local").rglob("*.jsonl"))
 
 

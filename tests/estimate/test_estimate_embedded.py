@@ -89,7 +89,7 @@ def _long_rows(path: Path, n: int = 40) -> Path:
 def _args(dataset: Path, out: Path, checkpointing: bool) -> list[str]:
     return [
         "--config",
-        str(REPO_ROOT / "configs" / "demo.yaml"),
+        str(REPO_ROOT / "configs" / "benchmark.yaml"),
         "--dataset",
         str(dataset),
         "--data_dir",

@@ -204,7 +204,7 @@ def test_export_of_a_real_fsdp2_distributed_checkpoint(tmp_path, tiny_model, alp
         "warmup_steps": 0,
         "num_workers": 0,
     }
-    args = ["--config", str(REPO_ROOT / "configs" / "demo.yaml")]
+    args = ["--config", str(REPO_ROOT / "configs" / "benchmark.yaml")]
     for key, value in flat.items():
         args += [f"--{key}", str(value)]
     run_ftpipe("train", args, tmp_path / "train.log", timeout=300, settle_s=1.0)
@@ -366,3 +366,81 @@ def test_kill_9_during_an_export_leaves_the_previous_export_whole(lora_run, tiny
     again = Path(export_model(cfg.replace(checkpoint=str(ckpt))).path)
     assert again == out and (out / "model.safetensors").is_file()
     assert not staging.exists()  # the leftover of the killed run is gone
+
+
+LORA_VARIANTS = {
+    "dora": {"use_dora": True},
+    "rslora": {"use_rslora": True},
+    "gaussian-init": {"init_lora_weights": "gaussian"},
+    "pissa": {"init_lora_weights": "pissa"},
+    "olora": {"init_lora_weights": "olora"},
+    "all-linear": {"lora_target_modules": ["all-linear"]},
+    "modules-to-save": {"modules_to_save": ["lm_head"]},
+}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("variant", sorted(LORA_VARIANTS))
+def test_every_lora_variant_merges_to_the_logits_of_its_adapter_model(variant, tmp_path, tiny_model):
+    """Trained weights of each PEFT variant (random, non-zero), saved as ftpipe saves them (trainable
+    tensors only), exported merged: the merged model's logits are the adapter model's. PiSSA and OLoRA move
+    part of the base weights into the adapters at initialisation; export rebuilds that residual."""
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.model.lora import apply_lora
+
+    cfg = _cfg(tmp_path, tiny_model, **LORA_VARIANTS[variant])
+    base = _base(tiny_model)
+    base_logits = _logits(base)
+    peft_model = apply_lora(base, cfg).eval()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    reference = _logits(peft_model)
+    assert (reference - base_logits).abs().max() > 100 * MERGE_ATOL  # the trained weights matter
+    state = {"model." + n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    _write_ckpt(checkpoints_dir(cfg) / "version_0" / "last.ckpt", state, cfg, 3)
+    result = export_model(cfg.replace(checkpoint="last"))
+    merged = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged), reference, atol=MERGE_ATOL, rtol=0)
+
+
+@pytest.mark.timeout(120)
+def test_every_export_has_a_model_card_that_parses_and_takes_the_evaluation(lora_run, tiny_model):
+    from huggingface_hub import ModelCard
+
+    from ftpipe.export.card import update_evaluation
+
+    cfg, _, _ = lora_run
+    for merge, library in ((True, "transformers"), (False, "peft")):
+        out = Path(export_model(cfg.replace(merge=merge)).path)
+        card = ModelCard.load(out / "README.md")
+        assert card.data.base_model == str(tiny_model) and card.data.library_name == library
+        assert {"ftpipe", "lora", "text-generation"} <= set(card.data.tags)
+        assert "r=4, alpha=8" in card.text and "Not evaluated yet" in card.text
+        assert ("PeftModel.from_pretrained" in card.text) == (not merge)
+    aggregates = {
+        "base": {"tool_call_exact": 0.0, "bertscore_f1": 0.41, "loss": 0.77},
+        "finetuned": {"tool_call_exact": 0.85, "bertscore_f1": 0.99, "loss": 0.02},
+    }
+    assert update_evaluation(out, aggregates, 40)
+    card = ModelCard.load(out / "README.md")
+    assert "| exact tool calls | 0% | 85% |" in card.text and "On 40 samples" in card.text
+    assert "Not evaluated yet" not in card.text and card.data.library_name == "peft"
+
+
+def test_the_embedded_models_card_names_its_hub_id_and_license(tmp_path):
+    from huggingface_hub import ModelCardData
+
+    from ftpipe.config import PipelineConfig
+    from ftpipe.export.card import model_card
+
+    cfg = PipelineConfig.from_flat(
+        {"hf_model_id": "embedded", "dataset": "org/chat-data", "chat_template": "chatml-tools"}
+    )
+    text = model_card(cfg, "merged", "step=40.ckpt", str(tmp_path))
+    data = ModelCardData(**__import__("yaml").safe_load(text.split("---")[1]))
+    assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and data.license == "apache-2.0"
+    assert data.datasets == ["org/chat-data"] and "tool-calling" in data.tags

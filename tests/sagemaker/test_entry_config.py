@@ -36,7 +36,7 @@ def raw_channel(tmp_path, alpaca_demo) -> Path:
 def test_paths_layout_and_hyperparameters(tmp_path, raw_channel, monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     hps = {
-        "config": "configs/demo.yaml",
+        "config": "configs/benchmark.yaml",
         "max_steps": 7,
         "lora_target_modules": ["q_proj", "v_proj"],
         "max_samples": None,  # the launcher sends an unset value as null
@@ -47,13 +47,13 @@ def test_paths_layout_and_hyperparameters(tmp_path, raw_channel, monkeypatch):
     cfg = build_config(env, hyperparameter_args(env.hyperparameters, REPO_ROOT))
 
     assert env.node_rank == 2
-    assert (cfg.train.num_nodes, cfg.train.gpus_per_node) == (4, 8)  # demo.yaml's 2 processes yield
+    assert (cfg.train.num_nodes, cfg.train.gpus_per_node) == (4, 8)  # benchmark.yaml's 2 processes yield
     assert cfg.train.max_steps == 7 and cfg.lora.lora_target_modules == ["q_proj", "v_proj"]
     assert cfg.data.max_samples is None
     assert cfg.model.hf_model_id == "embedded"  # from the config file
     assert cfg.data.dataset == str(raw_channel / "data.json") and cfg.data.prepared_dir is None
     assert cfg.data.prepare_per_node is True
-    assert cfg.data.data_dir == str(tmp_path / "ftpipe" / "data")  # not demo.yaml's data_dir
+    assert cfg.data.data_dir == str(tmp_path / "ftpipe" / "data")  # not benchmark.yaml's data_dir
     assert cfg.export.export_dir == str(tmp_path / "model")
     assert cfg.eval.eval_dir == str(tmp_path / "output" / "data" / "eval")
     assert cfg.train.results_dir == str(tmp_path / "output" / "data")

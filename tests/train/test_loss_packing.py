@@ -4,7 +4,7 @@ A packed batch (samples concatenated, position ids restarting, no attention mask
 summed loss and the same gradients as the same samples padded one per row, under sdpa and eager
 attention and in both packed layouts (one row per pack; all packs flattened into one row as for
 flash-attention). The chunked loss must equal the cross-entropy of the model's full logits, gradients
-included, for LoRA and full fine-tuning. The checks run on the shared alpaca data with a tiny Llama.
+included, for LoRA and full fine-tuning. The checks run on the example alpaca data with a tiny Llama.
 """
 
 from __future__ import annotations

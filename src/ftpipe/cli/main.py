@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -26,10 +27,10 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespac
 
 from ftpipe import __version__ as ftpipe_version
 from ftpipe.config import ConfigError, PipelineConfig, config_to_yaml, validate_config
-from ftpipe.config.paths import folder_error
+from ftpipe.config.paths import folder_error, results_root
 from ftpipe.config.schema import SECTIONS
 from ftpipe.errors import FtpipeError
-from ftpipe.utils.logging import get_logger, setup_logging
+from ftpipe.utils.logging import add_log_file, get_logger, global_rank, remove_log_file, setup_logging
 
 log = get_logger(__name__)
 
@@ -54,11 +55,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ftpipe.data.inspect:inspect",
         "show prepared samples as the model sees them, trained spans marked (--n, --split, --json)",
     ),
+    "chat": (
+        "ftpipe.serve.chat:chat",
+        "talk to an exported model in the terminal (--model_dir, --prompt, --system, --tools)",
+    ),
 }
 
 #: sub-command -> import path of a dataclass of options only that command takes (its fields are flags,
 #: and the entry function gets an instance as its second argument).
-COMMAND_OPTIONS: dict[str, str] = {"inspect": "ftpipe.data.inspect:InspectOptions"}
+COMMAND_OPTIONS: dict[str, str] = {
+    "inspect": "ftpipe.data.inspect:InspectOptions",
+    "chat": "ftpipe.serve.chat:ChatOptions",
+}
 
 #: group -> {sub-command -> (entry function import path, help)}: ``ftpipe <group> <sub-command>``.
 GROUPS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
@@ -132,6 +140,13 @@ def _stage_parser(options: type | None = None) -> ArgumentParser:
     if options is not None:
         _add_fields(parser, options)
     parser.add_argument(
+        "--verbose",
+        action=ActionYesNo,
+        nargs="?",
+        default=False,
+        help="show every library's messages and warnings on the console too (they always go to the log file)",
+    )
+    parser.add_argument(
         f"--{RESUME_ALIAS}",
         type=str | None,
         default=None,
@@ -159,7 +174,12 @@ def build_parser() -> ArgumentParser:
 def namespace_values(ns: Namespace, options: type | None = None) -> dict[str, Any]:
     """The flat field values of one sub-command's namespace (``--resume`` folded in, the command's own
     options left out)."""
-    skip = {"config", "__path__", *(f.name for f in (dataclasses.fields(options) if options else ()))}
+    skip = {
+        "config",
+        "__path__",
+        "verbose",
+        *(f.name for f in (dataclasses.fields(options) if options else ())),
+    }
     values = {k: v for k, v in ns.as_dict().items() if k not in skip}
     alias = values.pop(RESUME_ALIAS, None)
     if alias is not None:
@@ -237,7 +257,7 @@ def run_command(argv: Sequence[str] | None = None) -> Any:
 
 def run_parsed(command: str, cfg: PipelineConfig, options: Any = None) -> Any:
     """Log the resolved configuration and run the stage of ``command``; returns the stage's result."""
-    log.info("ftpipe %s with the resolved configuration:\n%s", command, config_to_yaml(cfg))
+    log.debug("ftpipe %s with the resolved configuration:\n%s", command, config_to_yaml(cfg))
     entry = resolve_entry(command)
     result = entry(cfg) if options is None else entry(cfg, options)
     if command in JSON_OUTPUT:
@@ -258,37 +278,73 @@ def _crash_log(argv: Sequence[str] | None, err: BaseException) -> Path:
     return path
 
 
+def _keep_log(path: Path, cfg: PipelineConfig | None, command: str | None) -> Path:
+    """The run's log goes into ``<results_root>/logs/`` when the run has a folder; else it stays where it is."""
+    if cfg is None or not path.is_file():
+        return path
+    root = results_root(cfg)
+    if not root.is_dir():
+        return path
+    rank = global_rank()
+    name = f"ftpipe-{(command or 'run').replace(' ', '-')}-{path.stem.split('-', 1)[1]}{f'-rank{rank}' if rank else ''}.log"
+    target = root / "logs" / name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), target)
+    except OSError:  # the run's folder cannot take it: the log stays in the temporary folder
+        return path
+    return target
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point. An error the user can act on is one message without a traceback, exit status
     2 (3: stopped by a signal after saving a checkpoint, resumable); a file-system error on a configured
     folder is one message naming the field, exit status 2; anything else is a bug in ftpipe: one line
-    pointing at a file with the traceback, exit status 1."""
+    pointing at a file with the traceback, exit status 1.
+
+    The console shows ftpipe's own messages and progress; everything (other libraries' messages, Python
+    warnings, the resolved configuration) goes to the run's log file, ``<results_root>/logs/``
+    (``--verbose`` shows it all on the console too).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    log_path = Path(tempfile.gettempdir()) / f"ftpipe-{stamp}-{os.getpid()}.log"
+    setup_logging(verbose="--verbose" in argv or "--verbose=true" in argv)
+    file_handler = add_log_file(log_path)
     cfg: PipelineConfig | None = None
+    command: str | None = None
+    code = 0
     try:
-        setup_logging()
         command, cfg, options = parse_with_options(argv)
         run_parsed(command, cfg, options)
     except FtpipeError as err:
         log.error("%s", err)
-        sys.exit(err.exit_code)
+        code = err.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")
-        sys.exit(130)
+        code = 130
     except Exception as err:
         message = folder_error(err, cfg) if cfg is not None else None
         if message:
             log.error("%s", message)
-            sys.exit(2)
-        path = _crash_log(argv, err)
-        first = (str(err).strip().splitlines() or [""])[0]
-        log.error(
-            "ftpipe failed unexpectedly (%s: %s). This is a bug in ftpipe, not a problem of your input; "
-            "the traceback is in %s (please attach it to a bug report)",
-            type(err).__name__,
-            first[:300],
-            path,
-        )
-        sys.exit(1)
+            code = 2
+        else:
+            path = _crash_log(argv, err)
+            first = (str(err).strip().splitlines() or [""])[0]
+            log.error(
+                "ftpipe failed unexpectedly (%s: %s). This is a bug in ftpipe, not a problem of your input; "
+                "the traceback is in %s (please attach it to a bug report)",
+                type(err).__name__,
+                first[:300],
+                path,
+            )
+            code = 1
+    finally:
+        remove_log_file(file_handler)
+        kept = _keep_log(log_path, cfg, command)
+    log.info("full log: %s", kept)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

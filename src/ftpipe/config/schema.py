@@ -71,13 +71,27 @@ class LoraConfig:
         lora_rank: rank r of the adapter matrices.
         lora_alpha: scaling numerator (the update is scaled by alpha / r).
         lora_dropout: dropout on the adapter input, in [0, 1).
-        lora_target_modules: names of the linear modules that get adapters.
+        lora_target_modules: names of the linear modules that get adapters; ``[all-linear]``: every linear
+            layer but the output layer (PEFT's ``all-linear``).
+        use_dora: weight-decomposed LoRA (DoRA): a trained magnitude per output beside the low-rank direction.
+        use_rslora: rank-stabilised LoRA: the update is scaled by alpha / sqrt(r) instead of alpha / r.
+        init_lora_weights: adapter initialisation: ``default`` (B = 0, A Kaiming-uniform), ``gaussian``,
+            ``pissa`` or ``olora`` (from the base weights' principal components / QR; the base keeps the
+            residual, which export rebuilds), ``orthogonal``.
+        modules_to_save: modules trained whole beside the adapters (for example embed_tokens and lm_head
+            when tokens are added); they are saved in checkpoints and merged at export.
+        load_in_4bit: QLoRA: the frozen base weights in 4-bit NF4 through bitsandbytes (CUDA GPUs only).
     """
 
     lora_rank: int = 32
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    use_dora: bool = False
+    use_rslora: bool = False
+    init_lora_weights: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = "default"
+    modules_to_save: list[str] | None = None
+    load_in_4bit: bool = False
 
 
 DataFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
@@ -279,6 +293,14 @@ class TrainConfig:
             update) and counted; this many such steps in a row stop training with an error.
         checkpoint_dir: fixed checkpoint folder of this run (SageMaker: ``/opt/ml/checkpoints``); unset:
             ``<results_root>/checkpoints/version_<N>``, N being the TensorBoard version.
+        loggers: experiment trackers the run logs to: ``tensorboard``, ``mlflow``, ``wandb``, ``csv``.
+            Each gets the resolved configuration as parameters, every training metric, and (``ftpipe run``)
+            the evaluation scores and the report with its plots; a resumed run continues its tracked run.
+        mlflow_tracking_uri: MLflow tracking server or store (``http://host:5000``, ``sqlite:///m.db``);
+            unset: a local store in ``<results_root>/mlruns``, no server needed.
+        experiment_name: MLflow experiment (and W&B group) of the run (unset: ``ftpipe``).
+        wandb_project: Weights & Biases project (unset: ``ftpipe``).
+        wandb_mode: ``offline`` (no account or network needed; ``wandb sync`` uploads later) or ``online``.
     """
 
     results_dir: str = "results"
@@ -305,6 +327,13 @@ class TrainConfig:
     loss_chunk_size: int = 256
     max_nonfinite_steps: int = 3
     checkpoint_dir: str | None = None
+    loggers: list[Literal["tensorboard", "mlflow", "wandb", "csv"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    mlflow_tracking_uri: str | None = None
+    experiment_name: str | None = None
+    wandb_project: str | None = None
+    wandb_mode: Literal["offline", "online"] = "offline"
 
 
 @dataclass(kw_only=True)

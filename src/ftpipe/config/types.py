@@ -189,6 +189,7 @@ def meaning_problems(flat: dict[str, Any]) -> list[str]:
                 )
     _names(problems, "lora_target_modules", flat.get("lora_target_modules"), "module name")
     _names(problems, "optional_fields", flat.get("optional_fields"), "field name")
+    _names(problems, "modules_to_save", flat.get("modules_to_save"), "module name")
     return problems
 
 

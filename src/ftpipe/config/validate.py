@@ -143,6 +143,14 @@ def _semantic_problems(cfg: PipelineConfig) -> list[str]:
         problems.append(f"lora_dropout: {lo.lora_dropout!r} is outside [0, 1)")
     if m.finetuning == "lora" and not lo.lora_target_modules:
         problems.append("lora_target_modules: empty (name at least one module, e.g. q_proj)")
+    if "all-linear" in lo.lora_target_modules and len(lo.lora_target_modules) > 1:
+        problems.append("lora_target_modules: all-linear already names every linear layer; give it alone")
+    if lo.load_in_4bit and m.finetuning != "lora":
+        problems.append("load_in_4bit: QLoRA trains adapters on a 4-bit base (needs finetuning: lora)")
+    if lo.load_in_4bit and ds.strategy in ("fsdp1", "fsdp2"):
+        problems.append(
+            f"load_in_4bit: 4-bit base weights are not sharded by {ds.strategy} here; use strategy ddp or single"
+        )
 
     ratios = {"train_ratio": d.train_ratio, "val_ratio": d.val_ratio, "test_ratio": d.test_ratio}
     for name, value in ratios.items():

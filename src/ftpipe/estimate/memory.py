@@ -225,6 +225,11 @@ def _fsdp_buffers(shape: ModelShape, layout: Layout, cfg: PipelineConfig, precis
     return 0
 
 
+#: NF4 with double quantization: 4 bits per weight, an 8-bit scale per block of 64 weights and an fp32
+#: scale per 256 such scales.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
 def _compute(
     cfg: PipelineConfig, shape: ModelShape, target: Target, device_memory: int | None
 ) -> MemoryEstimate:
@@ -233,6 +238,11 @@ def _compute(
     a_bytes = compute_dtype(target.precision).itemsize
     shard = layout.shard_size
     weights = shape.base_params * w_bytes // shard
+    if cfg.lora.load_in_4bit:  # QLoRA: the decoder layers' linear weights in NF4, the rest as loaded
+        quantized = shape.num_layers * (
+            shape.layer_params - shape.layer_trainable_params - sum(shape.norm_elements)
+        )
+        weights = (int((shape.base_params - quantized) * w_bytes + quantized * NF4_BYTES_PER_PARAM)) // shard
     lora_weights = shape.adapter_params * w_bytes // shard
     gradients = shape.trainable_params * w_bytes // shard
     optimizer_state = 2 * shape.trainable_params * w_bytes // shard  # AdamW: exp_avg, exp_avg_sq

@@ -95,10 +95,10 @@ def _loss(model_path: str, examples: list[tuple[list[int], list[int]]], cfg: Pip
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftpipe.evaluate.generate import _transformers_device_and_dtype
+    from ftpipe.evaluate.generate import device_and_dtype
     from ftpipe.evaluate.metrics import loss_and_perplexity
 
-    device, dtype = _transformers_device_and_dtype()
+    device, dtype = device_and_dtype()
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
     ).to(device)
@@ -268,6 +268,10 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
     }
     report["timings"] = {"total_seconds": time.monotonic() - start}
     paths = write_report(report, eval_dir(cfg), results_root(cfg) / METRICS_FILENAME)
+    if Path(models["finetuned"]).is_dir():  # an export with its model card: the table goes in
+        from ftpipe.export.card import update_evaluation
+
+        update_evaluation(models["finetuned"], aggregates, len(rows))
     result = EvalResult(
         report_json=paths["json"],
         report_md=paths["markdown"],

@@ -218,7 +218,7 @@ def _rate(tokens: int, seconds: float) -> float:
 # transformers
 
 
-def _transformers_device_and_dtype():
+def device_and_dtype():
     import torch
 
     if torch.cuda.is_available():
@@ -257,7 +257,7 @@ def _generate_transformers(
     from ftpipe.model.tokenizer import ensure_pad_token
 
     start = time.perf_counter()
-    device, dtype = _transformers_device_and_dtype()
+    device, dtype = device_and_dtype()
     trust = settings.trust_remote_code
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust))
     tokenizer.padding_side = "left"
@@ -282,8 +282,14 @@ def _generate_transformers(
     texts: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
     gen_start = time.perf_counter()
+    from tqdm.auto import tqdm
+
     with torch.inference_mode():
-        for first in range(0, len(order), settings.batch_size):
+        for first in tqdm(
+            range(0, len(order), settings.batch_size),
+            desc=f"generating ({Path(model_path).name})",
+            unit="batch",
+        ):
             batch = order[first : first + settings.batch_size]
             padded = tokenizer.pad(
                 {"input_ids": [prompts[i] for i in batch]}, padding=True, return_tensors="pt"

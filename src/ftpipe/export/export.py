@@ -32,6 +32,7 @@ from ftpipe.config import checkpoints_dir, results_root, save_config
 from ftpipe.config.paths import EMBEDDED_MODEL_ID, check_output_folder, run_checkpoint_dirs
 from ftpipe.config.schema import EMBEDDED_MODEL, PipelineConfig
 from ftpipe.errors import FtpipeError
+from ftpipe.export.card import write_model_card
 from ftpipe.export.checkpoint import CheckpointWeights, is_lora_key, read_checkpoint
 from ftpipe.utils.folders import recover, staging_dir, swap_in
 from ftpipe.utils.logging import get_logger
@@ -40,7 +41,16 @@ log = get_logger(__name__)
 
 EXPORT_INFO_FILE = "ftpipe_export.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+_LORA_FIELDS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_dora",
+    "use_rslora",
+    "init_lora_weights",
+    "modules_to_save",
+)
 _VAL_LOSS = re.compile(r"val_loss=([0-9.eE+-]+?)(?:\.ckpt)?$")
 
 
@@ -175,15 +185,17 @@ def _load_base(cfg: PipelineConfig, path: str, dtype: torch.dtype):
 
 
 def apply_adapter_weights(peft_model, weights: dict[str, torch.Tensor], source: str) -> int:
-    """Copy the LoRA tensors (HF / adapter-file names) into ``peft_model`` in place; returns how many.
+    """Copy the trained tensors (HF / adapter-file names) into ``peft_model`` in place; returns how many.
 
-    Every adapter parameter of the model must be in ``weights`` and every LoRA tensor of ``weights``
-    must fit one, else ExportError (a mismatch of rank or target modules would give a wrong model).
+    The trained tensors are the PEFT model's trainable parameters: the LoRA matrices, DoRA's magnitudes
+    and the whole modules of ``modules_to_save``. Every one of them must be in ``weights`` and every such
+    tensor of ``weights`` must fit one, else ExportError (a mismatch of rank, variant or target modules
+    would give a wrong model).
     """
     from ftpipe.export.checkpoint import hf_name
 
-    params = {hf_name(n): p for n, p in peft_model.named_parameters() if is_lora_key(n)}
-    lora = {k: v for k, v in weights.items() if is_lora_key(k)}
+    params = {hf_name(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    lora = {k: v for k, v in weights.items() if k in params or is_lora_key(k) or "lora_" in k}
     missing, unexpected = sorted(set(params) - set(lora)), sorted(set(lora) - set(params))
     if missing or unexpected:
         raise ExportError(
@@ -209,7 +221,9 @@ def _build_lora(cfg: PipelineConfig, ckpt: CheckpointWeights, base_path: str, dt
 
     from ftpipe.model.lora import lora_config
 
-    others = [k for k in ckpt.weights if not is_lora_key(k)]
+    others = [
+        k for k in ckpt.weights if not is_lora_key(k) and "lora_" not in k and "modules_to_save" not in k
+    ]
     if others:
         log.warning(
             "checkpoint %s: %d non-LoRA tensors (e.g. %s) are ignored", ckpt.path, len(others), others[0]
@@ -347,6 +361,7 @@ def _write_export(
     del model
     _save_tokenizer(cfg, folder)
     save_config(cfg, folder)
+    write_model_card(folder, cfg, kind, str(ckpt.path), base_path)
     result = ExportResult(
         path=str(out),
         kind=kind,

@@ -202,8 +202,57 @@ def _prepared_config(cfg: PipelineConfig, device_type: str, precision: str) -> t
     return config
 
 
+#: bitsandbytes releases whose 4-bit layers run on the device (CPU support arrived in 0.49).
+BNB_MIN_VERSION = {"cuda": (0, 43), "cpu": (0, 49)}
+
+
+def check_4bit_support(cfg: PipelineConfig, device_type: str | None = None) -> None:
+    """Raise ConfigError, before any weights load, when ``load_in_4bit`` cannot run here: bitsandbytes
+    missing, too old for the device, or a device it has no 4-bit layers for."""
+    if not cfg.lora.load_in_4bit:
+        return
+    import importlib.metadata
+    import importlib.util
+
+    device_type = device_type or accelerator_name(cfg)
+    if device_type not in BNB_MIN_VERSION:
+        raise ConfigError([f"load_in_4bit: bitsandbytes has no 4-bit layers for the {device_type} device"])
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            [
+                "load_in_4bit: QLoRA needs the bitsandbytes package: pip install 'ftpipe[qlora]' (or set load_in_4bit: false)"
+            ]
+        )
+    version = importlib.metadata.version("bitsandbytes")
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    wanted = BNB_MIN_VERSION[device_type]
+    if parts < wanted:
+        raise ConfigError(
+            [
+                f"load_in_4bit: bitsandbytes {version} has no 4-bit layers for the {device_type}; "
+                f"install bitsandbytes>={wanted[0]}.{wanted[1]}"
+            ]
+        )
+
+
+def _quantization(cfg: PipelineConfig, device_type: str):
+    """The bitsandbytes NF4 configuration of QLoRA (double quantization, compute in the training dtype)."""
+    if not cfg.lora.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    check_4bit_support(cfg, device_type)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(_precision_and_reason(cfg)[0]),
+    )
+
+
 def _from_pretrained(cfg: PipelineConfig, config: transformers.PretrainedConfig, dtype: torch.dtype):
     path = resolve_model_path(cfg.model.hf_model_id, cfg.model.model_cache_dir)
+    quantization = _quantization(cfg, accelerator_name(cfg))
     start = time.monotonic()
     model = AutoModelForCausalLM.from_pretrained(
         path,
@@ -211,8 +260,15 @@ def _from_pretrained(cfg: PipelineConfig, config: transformers.PretrainedConfig,
         dtype=dtype,
         attn_implementation=config._attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
+        **({"quantization_config": quantization} if quantization is not None else {}),
     )
-    log.info("loaded %s weights (%s) in %.1fs", cfg.model.hf_model_id, dtype, time.monotonic() - start)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # norms in fp32 and input gradients on; ftpipe applies its own activation checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    what = "4-bit NF4" if quantization is not None else str(dtype)
+    log.info("loaded %s weights (%s) in %.1fs", cfg.model.hf_model_id, what, time.monotonic() - start)
     return model
 
 

@@ -82,4 +82,4 @@ def apply_chat_template_setting(tokenizer: PreTrainedTokenizerBase, model_cfg: M
         tokenizer.chat_template = chat_template_text(model_cfg.chat_template)
     except OSError as err:
         raise TokenizerLoadError(str(err)) from err
-    log.info("chat template: %s (chat_template)", model_cfg.chat_template)
+    log.debug("chat template: %s (chat_template)", model_cfg.chat_template)

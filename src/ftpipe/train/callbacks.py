@@ -296,14 +296,18 @@ class RunFolders(Callback):
     (decided on rank 0 and broadcast, so every rank and node agrees); with a fixed ``checkpoint_dir``
     (``checkpoints_root`` None) the checkpoint folder stays as it is."""
 
-    def __init__(self, checkpoints_root: Path | None, checkpoint: ModelCheckpoint):
+    def __init__(
+        self, checkpoints_root: Path | None, checkpoint: ModelCheckpoint, version_source: Any = None
+    ):
         super().__init__()
         self.checkpoints_root = Path(checkpoints_root) if checkpoints_root is not None else None
         self.checkpoint = checkpoint
+        self.version_source = version_source  # the TensorBoard logger that numbers the runs
         self.version: str | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        version = trainer.logger.version if trainer.logger is not None else 0
+        source = self.version_source or trainer.logger
+        version = source.version if source is not None else 0
         name = version if isinstance(version, str) else f"version_{version}"
         self.version = trainer.strategy.broadcast(name)
         if self.checkpoints_root is not None:

@@ -24,6 +24,7 @@ from ftpipe.config.paths import check_output_folder
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.devices import leave_process_group
 from ftpipe.errors import StoppedResumable
+from ftpipe.model.load import check_4bit_support
 from ftpipe.train.heartbeat import is_timeout, timeout_error
 from ftpipe.train.resume import resolve_resume
 from ftpipe.utils.logging import get_logger, global_rank
@@ -117,6 +118,7 @@ def train(cfg: PipelineConfig) -> TrainResult:
     _warn_torchrun_shared_store()
     root = results_root(cfg)
     check_output_folder("results_dir", root)
+    check_4bit_support(cfg)
     if cfg.train.checkpoint_dir:
         check_output_folder("checkpoint_dir", Path(cfg.train.checkpoint_dir))
     # the model id and the data are checked (tokenizer, preparation) before anything is written for the run

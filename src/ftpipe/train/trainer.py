@@ -29,7 +29,8 @@ from ftpipe.train.callbacks import (
 from ftpipe.train.heartbeat import Heartbeat
 from ftpipe.train.resume import RngStates
 from ftpipe.train.stop import GracefulStop
-from ftpipe.utils.logging import get_logger
+from ftpipe.train.tracking import Tracking, build_loggers, read_tracking
+from ftpipe.utils.logging import adopt_library_loggers, get_logger
 
 log = get_logger(__name__)
 
@@ -48,6 +49,24 @@ class TrainerParts:
     logger: TensorBoardLogger
     metrics_path: Path
     stop: GracefulStop
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for training (steps, rate and time left); validation runs without a bar of its own."""
+
+    def init_validation_tqdm(self):
+        bar = super().init_validation_tqdm()
+        bar.disable = True
+        return bar
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.set_description("training")
+        return bar
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description("training")
 
 
 class EpochAlignmentCheck(Callback):
@@ -92,7 +111,7 @@ def build_logger(cfg: PipelineConfig, resume_from: str | None = None) -> TensorB
 
 
 def build_callbacks(
-    cfg: PipelineConfig, precision: str, metrics_path: Path
+    cfg: PipelineConfig, precision: str, metrics_path: Path, version_source: TensorBoardLogger | None = None
 ) -> tuple[list[Callback], BestAndLastCheckpoint, StepMetrics, RunFolders]:
     """Checkpointing (best val_loss + last step), early stopping, step metrics, progress bar (the
     module logs train_loss, lr and grad_norm itself), and the stop on SIGTERM / SIGINT."""
@@ -110,11 +129,11 @@ def build_callbacks(
         save_on_train_epoch_end=False,
     )
     metrics = StepMetrics(metrics_path, t.peak_tflops_per_device, precision)
-    folders = RunFolders(None if fixed_dir else checkpoints_dir(cfg), checkpoint)
+    folders = RunFolders(None if fixed_dir else checkpoints_dir(cfg), checkpoint, version_source)
     callbacks: list[Callback] = [
         folders,
         metrics,
-        TQDMProgressBar(refresh_rate=1),
+        StepProgressBar(refresh_rate=1),
         checkpoint,
     ]
     if t.early_stopping_patience > 0:
@@ -138,6 +157,7 @@ def build_callbacks(
     callbacks.append(Heartbeat())
     callbacks.append(RngStates())
     callbacks.append(CheckpointRoom(lambda: checkpoint.dirpath))
+    callbacks.append(Tracking(cfg, lambda: checkpoint.dirpath, metrics_path))
     return callbacks, checkpoint, metrics, folders
 
 
@@ -147,14 +167,20 @@ def build_trainer(cfg: PipelineConfig, resume_from: str | None = None) -> Traine
     from ftpipe.distributed import accelerator_name, build_strategy, discover_decoder_layer_classes
     from ftpipe.model.load import select_precision
 
+    adopt_library_loggers()
     t = cfg.train
     accelerator = accelerator_name(cfg)
     precision = select_precision(cfg)
     layer_classes = discover_decoder_layer_classes(cfg) if cfg.dist.strategy == "fsdp1" else set()
     strategy = build_strategy(cfg, layer_classes)
     metrics_path = results_root(cfg) / METRICS_FILENAME
-    callbacks, checkpoint, metrics, folders = build_callbacks(cfg, precision, metrics_path)
-    logger = build_logger(cfg, resume_from)
+    previous = read_tracking(Path(resume_from).expanduser().parent if resume_from else None)
+    loggers = build_loggers(cfg, resumed_version(cfg, resume_from), previous)
+    # the TensorBoard logger numbers the runs (version_<N>), attached or not
+    logger = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None) or build_logger(
+        cfg, resume_from
+    )
+    callbacks, checkpoint, metrics, folders = build_callbacks(cfg, precision, metrics_path, logger)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=t.gpus_per_node,
@@ -171,7 +197,7 @@ def build_trainer(cfg: PipelineConfig, resume_from: str | None = None) -> Traine
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks,
-        logger=logger,
+        logger=loggers or False,
         default_root_dir=str(results_root(cfg)),
         deterministic=True if accelerator == "cpu" else None,
         enable_model_summary=False,

@@ -1,5 +1,5 @@
-"""The tool-calling example: its data is written by a seeded script in the repository, and its
-configuration prepares it with the shipped tool template."""
+"""The project's own example data: each data set is written by a seeded script beside it (the committed file
+is what the script writes), and the tool-calling configuration names the shipped tool template."""
 
 from __future__ import annotations
 
@@ -16,16 +16,32 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO_ROOT / "examples" / "tool_calling"
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_data", EXAMPLE / "make_data.py")
+def _generator(folder: Path = EXAMPLE):
+    spec = importlib.util.spec_from_file_location("make_data", folder / "make_data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+@pytest.mark.parametrize(
+    ("folder", "data", "args"),
+    [("alpaca", "instructions.json", (999, 0)), ("identity", "identity.json", (0,))],
+)
+def test_the_committed_example_data_is_what_its_seeded_script_writes(tmp_path, folder, data, args):
+    base = REPO_ROOT / "examples" / folder
+    written = _generator(base).write(tmp_path / data, *args)
+    assert written.read_bytes() == (base / data).read_bytes()
+    rows = json.loads(written.read_text())
+    assert all(set(r) == {"instruction", "input", "output"} and r["output"] for r in rows)
+
+
 def test_the_committed_data_is_what_the_seeded_script_writes(tmp_path):
-    written = _generator().write(tmp_path / "tool_calls.jsonl", rows=800, seed=0)
+    generator = _generator()
+    written = generator.write(tmp_path / "tool_calls.jsonl", rows=800, seed=0)
     assert written.read_bytes() == (EXAMPLE / "tool_calls.jsonl").read_bytes()
+    assert (
+        generator.write_tools(tmp_path / "tools.json").read_bytes() == (EXAMPLE / "tools.json").read_bytes()
+    )
     rows = [json.loads(line) for line in written.read_text().splitlines()]
     assert all(row["conversations"][-1]["from"] == "function_call" for row in rows)
     kinds = {tuple(t["from"] for t in row["conversations"]) for row in rows}
