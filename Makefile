@@ -28,13 +28,14 @@ demo: install
 	$(VENV)/bin/ftpipe run --config configs/demo.yaml
 
 test: install
-	$(VENV)/bin/ruff check src tests benchmarks sagemaker examples
-	$(VENV)/bin/ruff format --check src tests benchmarks sagemaker examples
+	$(VENV)/bin/ruff check src tests benchmarks sagemaker_job examples
+	$(VENV)/bin/ruff format --check src tests benchmarks sagemaker_job examples
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest -q
 
 lint:
-	$(VENV)/bin/ruff check --fix src tests benchmarks sagemaker examples
-	$(VENV)/bin/ruff format src tests benchmarks sagemaker examples
+	$(VENV)/bin/ruff check --fix src tests benchmarks sagemaker_job examples
+	$(VENV)/bin/ruff format src tests benchmarks sagemaker_job examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -239,7 +239,7 @@ def test_chat_roles_out_of_order_fail_in_prepare_naming_file_line_and_turn(tmp_p
 @pytest.mark.timeout(60)
 def test_chat_roles_out_of_order_in_prepared_rows_fail_naming_file_and_row(tokenizer, tmp_path):
     """Rows given ready-prepared (``prepared_dir``) skip the prepare checks; tokenization refuses them."""
-    from ftpipe.data.tokenize import SFTDataset
+    from ftpipe.data.dataset import SFTDataset
 
     rows = [
         {"id": 1, "messages": CHAT},

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ftpipe.errors import FtpipeError
-from ftpipe.export.checkpoint import CheckpointError, check_distributed_metadata, read_checkpoint
+from ftpipe.model.checkpoint import CheckpointError, check_distributed_metadata, read_checkpoint
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,11 +15,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ftpipe.config import validate_config
+from ftpipe.config import results_root, validate_config
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.utils.logging import get_logger
+
+if TYPE_CHECKING:
+    from ftpipe.evaluate.evaluate import EvalResult
 
 log = get_logger(__name__)
 
@@ -111,11 +114,48 @@ def run(cfg: PipelineConfig) -> RunResult | None:
         return _export_and_evaluate(cfg, prepared, trained, seconds, start)
 
 
+def finetuned_model_path(cfg: PipelineConfig) -> str:
+    """The merged export (``export_dir`` when it holds a full model, else ``<results_root>/export/merged``);
+    exported from the checkpoint first when it is missing."""
+    from ftpipe.export.export import default_export_dir, export_model
+
+    if cfg.export.export_dir and (Path(cfg.export.export_dir).expanduser() / "config.json").is_file():
+        return str(Path(cfg.export.export_dir).expanduser())
+    merged = results_root(cfg) / "export" / "merged"
+    if (merged / "config.json").is_file():
+        return str(merged)
+    log.info("no merged export at %s: exporting the checkpoint first", merged)
+    return export_model(
+        cfg.replace(merge=True, export_dir=str(default_export_dir(cfg.replace(export_dir=None), "merged")))
+    ).path
+
+
+def evaluate_model(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResult:
+    """``ftpipe evaluate``: the fine-tuned model against the base on the test split.
+
+    The model is ``finetuned_path``, else the merged export (exported first when missing, after the
+    report folder, the data and its test split are checked); the export's model card gets the
+    evaluation table.
+    """
+    from ftpipe.evaluate.evaluate import evaluate, rows_to_score
+    from ftpipe.export.card import update_evaluation
+
+    cfg = validate_config(cfg)
+    if finetuned_path is None:
+        rows_to_score(cfg)  # what would stop the evaluation stops it before an export is written
+        finetuned_path = finetuned_model_path(cfg)
+    result = evaluate(cfg, finetuned_path)
+    if Path(finetuned_path).is_dir():  # an export with its model card: the table goes in
+        update_evaluation(
+            finetuned_path, {"base": result.base, "finetuned": result.finetuned}, result.num_samples
+        )
+    return result
+
+
 def _export_and_evaluate(
     cfg: PipelineConfig, prepared, trained, seconds: dict[str, float], start: float
 ) -> RunResult:
     """Rank 0 after training: export the checkpoint, evaluate, log where everything is."""
-    from ftpipe.evaluate.evaluate import evaluate
     from ftpipe.export.export import export_model
     from ftpipe.train.tracking import log_evaluation
 
@@ -130,7 +170,7 @@ def _export_and_evaluate(
     seconds["export"] = time.monotonic() - mark
 
     mark = time.monotonic()
-    evaluated = evaluate(cfg, finetuned_path=None if exported.kind == "adapter" else exported.path)
+    evaluated = evaluate_model(cfg, None if exported.kind == "adapter" else exported.path)
     seconds["evaluate"] = time.monotonic() - mark
     report_files = [Path(evaluated.report_md), Path(evaluated.report_json), *map(Path, evaluated.plots)]
     log_evaluation(

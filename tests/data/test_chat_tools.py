@@ -318,7 +318,7 @@ def test_history_stripping_template_trains_each_turn_with_its_inference_history(
 def test_dataset_counts_and_logs_per_turn_samples(tokenizer, tmp_path, caplog):
     import logging
 
-    from ftpipe.data.tokenize import SFTDataset
+    from ftpipe.data.dataset import SFTDataset
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = STRIPPING_TEMPLATE
@@ -340,7 +340,7 @@ def test_dataset_counts_and_logs_per_turn_samples(tokenizer, tmp_path, caplog):
 def test_prepared_rows_keep_their_own_keys_through_the_dataset(tools_tokenizer, tmp_path):
     """Tool arguments and schemas differ from row to row; a column-typed loader would give every row every
     key (null-filled). Each dataset sample equals its row encoded alone."""
-    from ftpipe.data.tokenize import SFTDataset
+    from ftpipe.data.dataset import SFTDataset
 
     timer = {
         "name": "set_timer",

@@ -91,10 +91,10 @@ def test_packing_the_alpaca_demo_data_leaves_under_5_percent_padding(demo_datase
 
 @pytest.mark.timeout(120)
 def test_packed_rows_are_flattened_for_flash_attention(demo_datasets, alpaca_demo, tokenizer, monkeypatch):
-    import ftpipe.model.load as load
+    import ftpipe.runtime as runtime
 
     dm, tmp = demo_datasets
-    monkeypatch.setattr(load, "select_attn_implementation", lambda cfg, device: "flash_attention_2")
+    monkeypatch.setattr(runtime, "select_attn_implementation", lambda cfg, device: "flash_attention_2")
     flash = SFTDataModule(_demo_cfg(alpaca_demo, tmp, packing=True), tokenizer)
     flash.datasets, flash.prepared = dm.datasets, dm.prepared
     batch = next(iter(flash.train_dataloader()))

@@ -78,13 +78,13 @@ def test_cli_prepares_the_demo_into_the_self_documenting_folder(alpaca_demo, tmp
     assert sorted(r["id"] for r in rows) == list(range(999))
     assert all(set(r) == {"id", "source", "input", "output"} for r in rows)
     source = json.loads(alpaca_demo.read_text())
-    first = next(r for r in rows if r["id"] == 0)
-    assert source[0]["input"] == ""
+    no_input = next(i for i, row in enumerate(source) if row["input"] == "")
+    first = next(r for r in rows if r["id"] == no_input)
     assert first == {
-        "id": 0,
+        "id": no_input,
         "source": "instructions",
-        "input": ALPACA_PROMPT_NO_INPUT.format(**source[0]),
-        "output": source[0]["output"],
+        "input": ALPACA_PROMPT_NO_INPUT.format(**source[no_input]),
+        "output": source[no_input]["output"],
     }
     with_input = next(r for r in rows if source[r["id"]]["input"])
     assert f"### Input:\n{source[with_input['id']]['input']}\n\n" in with_input["input"]
@@ -143,7 +143,9 @@ def test_rerun_reuses_and_changed_config_prepares_elsewhere(alpaca_demo, tmp_pat
     changed = prepare_data(config(alpaca_demo, tmp_path, input_template="{instruction}\n{input}"))
     assert changed.folder != first.folder and changed.folder.parent == first.folder.parent
     assert not changed.reused and mtimes(first.folder) == before
-    assert read_jsonl(changed.train_file)[0]["input"].count("###") == 0
+    source = json.loads(alpaca_demo.read_text())
+    with_input = [r for r in read_jsonl(changed.train_file) if source[r["id"]]["input"]]
+    assert with_input and all(r["input"].count("###") == 0 for r in with_input)  # the changed template
 
 
 def test_changed_source_is_prepared_again(tmp_path, caplog):

@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 
 from ftpipe.config.schema import DataConfig
 from ftpipe.data.collate import SFTCollator
+from ftpipe.data.dataset import SFTDataset
 from ftpipe.data.errors import BadRow
 from ftpipe.data.formats import AlpacaSpec, render_alpaca
 from ftpipe.data.tokenize import (
     IGNORE_INDEX,
     MIN_PROMPT_FRACTION,
-    SFTDataset,
     encode_example,
     encode_prompt,
     fit_to_length,

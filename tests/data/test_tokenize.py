@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from ftpipe.config.schema import DataConfig, ModelConfig
+from ftpipe.data.dataset import SFTDataset
 from ftpipe.data.tokenize import (
     IGNORE_INDEX,
     ChatTemplateError,
-    SFTDataset,
     encode_example,
     encode_examples,
     encode_prompt,

@@ -26,7 +26,8 @@ from torch.distributed.fsdp import (
 )
 
 from ftpipe.config import ConfigError, PipelineConfig
-from ftpipe.distributed import CPUFSDPStrategy, MaterializeMeta, accelerator_name, build_strategy
+from ftpipe.distributed import CPUFSDPStrategy, MaterializeMeta, build_strategy
+from ftpipe.runtime import accelerator_name
 
 LLAMA = transformers.models.llama.modeling_llama.LlamaDecoderLayer
 
@@ -236,7 +237,7 @@ def _peft_name(name: str) -> str:
 def _fsdp2_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ftpipe.model.load import create_model
+    from ftpipe.distributed.build import create_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -282,7 +283,7 @@ def _free_port() -> int:
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 def test_two_ranks_fsdp2_shards_and_loads_rank0_weights(tmp_path, embedded_model_path):
-    from ftpipe.model.load import create_model
+    from ftpipe.distributed.build import create_model
 
     mp.start_processes(_fsdp2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

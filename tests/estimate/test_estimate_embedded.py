@@ -239,7 +239,7 @@ def test_a_model_of_20000_layers_is_estimated_in_seconds(tmp_path, embedded_mode
     import time
 
     from ftpipe.config import PipelineConfig
-    from ftpipe.estimate.memory import estimate
+    from ftpipe.estimate import estimate
 
     folder = _config_folder(tmp_path, embedded_model_path, num_hidden_layers=20_000)
     start = time.monotonic()

@@ -62,6 +62,11 @@ def test_settings_come_from_the_eval_section():
         vllm_cpu_kvcache_gib=1,
         trust_remote_code=True,
     )
+    # one source of the defaults: the evaluation section's
+    assert GenerationSettings.from_config(PipelineConfig()) == GenerationSettings()
+    from ftpipe.evaluate.metrics import MetricSettings
+
+    assert MetricSettings.from_config(PipelineConfig()) == MetricSettings()
 
 
 @pytest.mark.timeout(60)
@@ -105,9 +110,11 @@ def test_prompts_that_leave_no_room_are_refused_before_loading(embedded_model_pa
 @pytest.mark.timeout(120)
 def test_vllm_worker_failure_names_exit_status_and_output(monkeypatch, embedded_model_path):
     monkeypatch.setattr(gen, "vllm_available", lambda: True)
+    from ftpipe.evaluate import vllm_backend
+
     monkeypatch.setattr(
-        gen,
-        "_worker_command",
+        vllm_backend,
+        "worker_command",
         lambda request, output: [sys.executable, "-c", "import sys; print('engine exploded'); sys.exit(3)"],
     )
     with pytest.raises(

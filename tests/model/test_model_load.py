@@ -11,14 +11,10 @@ import pytest
 import torch
 
 from ftpipe.config import PipelineConfig
-from ftpipe.model import load
-from ftpipe.model.load import (
-    ModelLoadError,
-    create_model,
-    load_model_config,
-    select_attn_implementation,
-    select_precision,
-)
+from ftpipe.distributed import build
+from ftpipe.distributed.build import create_model
+from ftpipe.model.load import ModelLoadError, load_model_config
+from ftpipe.runtime import select_attn_implementation, select_precision
 
 
 def _cfg(**flat) -> PipelineConfig:
@@ -216,6 +212,6 @@ def test_create_model_bf16_true_keeps_everything_bf16(embedded_model_path, no_cu
 
 @pytest.mark.timeout(20)
 def test_fsdp2_without_mesh_in_a_process_group_is_an_error(monkeypatch, embedded_model_path):
-    monkeypatch.setattr(load, "_world", lambda: (1, 2))
+    monkeypatch.setattr(build, "_world", lambda: (1, 2))
     with pytest.raises(ValueError, match=r"on rank 1 of 2 needs the device mesh"):
         create_model(_cfg(hf_model_id="embedded"), strategy_kind="fsdp2")

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 from ftpipe.config import PipelineConfig
-from ftpipe.model.load import create_model
+from ftpipe.distributed.build import create_model
 from ftpipe.model.lora import LoraTargetError, apply_lora
 from ftpipe.model.stats import ParamStats, parameter_stats
 

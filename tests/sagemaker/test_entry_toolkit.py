@@ -3,7 +3,7 @@
 A temporary folder laid out like ``/opt/ml`` (``SAGEMAKER_BASE_DIR``): hyperparameters, a one-host
 resource config, the input data config and the training channel; the toolkit's ``train`` command with
 the PyTorch container's training module starts ``torchrun`` with 2 CPU processes on the project's
-``sagemaker/train.py``. Checked: the exported model (loads with transformers), the inference code, the
+``sagemaker_job/train.py``. Checked: the exported model (loads with transformers), the inference code, the
 evaluation report and the checkpoints; then a restarted job over the same checkpoint folder resumes.
 """
 
@@ -54,7 +54,7 @@ def _layout(base: Path, dataset: Path, max_steps: int) -> None:
     config.mkdir(parents=True)
     code = base / "code"
     code.mkdir()
-    shutil.copy(REPO_ROOT / "sagemaker" / "train.py", code / "train.py")
+    shutil.copy(REPO_ROOT / "sagemaker_job" / "train.py", code / "train.py")
     channel = base / "input" / "data" / "training"
     channel.mkdir(parents=True)
     shutil.copy(dataset, channel / dataset.name)

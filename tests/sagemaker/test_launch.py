@@ -17,6 +17,7 @@ import pytest
 import tomllib
 
 from ftpipe.cli.main import main, parse
+from ftpipe.config import load_config
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.sagemaker.errors import AWSCredentialsError, SageMakerLaunchError
 from ftpipe.sagemaker.launch import (
@@ -133,8 +134,8 @@ def test_dry_run_one_instance_on_demand() -> None:
     assert not request.get("EnableManagedSpotTraining")
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 86400}
     assert "CheckpointConfig" not in request
-    # the code: the project's sagemaker/ folder with the installed ftpipe beside train.py
-    assert out["source_dir"] == str(REPO_ROOT / "sagemaker")
+    # the code: the project's sagemaker_job/ folder with the installed ftpipe beside train.py
+    assert out["source_dir"] == str(REPO_ROOT / "sagemaker_job")
     code = out["uploads"]["code"]
     assert code["s3_uri"] == _channel(request, "code")
     assert {"train.py", "requirements.txt", "ftpipe/sagemaker/entry.py", "ftpipe/cli/main.py"} <= set(
@@ -323,7 +324,9 @@ def test_cli_dry_run_prints_the_request(capsys: pytest.CaptureFixture[str]) -> N
     request = out["CreateTrainingJob"]
     assert request["ResourceConfig"]["InstanceCount"] == 4
     assert out["torchrun"] == {"nnodes": 4, "nproc_per_node": 2, "world_size": 8}  # demo: 2 per node
-    assert request["HyperParameters"]["max_steps"] == "30"
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    assert demo.train.max_steps != PipelineConfig().train.max_steps  # a value the job must be told
+    assert request["HyperParameters"]["max_steps"] == str(demo.train.max_steps)
     assert _channel(request, "training") == "s3://b/d"
 
 
@@ -352,9 +355,9 @@ def test_console_dry_run_and_missing_credentials(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_requirements_match_the_project_dependencies() -> None:
-    """sagemaker/requirements.txt installs ftpipe's dependencies, torch aside (the image's CUDA build)."""
+    """sagemaker_job/requirements.txt installs ftpipe's dependencies, torch aside (the image's CUDA build)."""
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     wanted = {d.replace(" ", "") for d in project if re.split(r"[<>=!~;\[ ]", d)[0] != "torch"}
-    lines = (REPO_ROOT / "sagemaker" / "requirements.txt").read_text().splitlines()
+    lines = (REPO_ROOT / "sagemaker_job" / "requirements.txt").read_text().splitlines()
     listed = {line.replace(" ", "") for line in lines if line.strip() and not line.startswith("#")}
     assert listed == wanted

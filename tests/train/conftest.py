@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = REPO_ROOT / "configs" / "benchmark.yaml"  # fixed settings, independent of the demo
 
 
 def free_port() -> int:
@@ -107,7 +107,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def ftpipe_cmd(overrides: dict[str, object]) -> list[str]:
-    """``python -m ftpipe train --config configs/demo.yaml --key value ...``."""
+    """``python -m ftpipe train --config configs/benchmark.yaml --key value ...``."""
     cmd = [sys.executable, "-m", "ftpipe", "train", "--config", str(DEMO_CONFIG)]
     for key, value in overrides.items():
         cmd += [f"--{key}", "null" if value is None else str(value)]
@@ -155,10 +155,10 @@ def train_runner(tmp_path_factory, alpaca_demo) -> Callable[..., Run]:
             "data_dir": str(base / "data"),
             "results_dir": str(out / "results"),
             "num_workers": 0,
+            "shard_report_dir": str(out / "shards"),
             **overrides,
         }
         log_path = out / "train"
-        env = {"FTPIPE_SHARD_REPORT": str(out / "shards")}
         if torchrun_nodes:
             port = free_port()
             commands = []
@@ -182,7 +182,7 @@ def train_runner(tmp_path_factory, alpaca_demo) -> Callable[..., Run]:
                 commands.append(launcher + ftpipe_cmd(values)[2:])  # drop "python -m"
         else:
             commands = [ftpipe_cmd(values)]
-        codes = run_processes(commands, log_path, timeout, env)
+        codes = run_processes(commands, log_path, timeout)
         result = Run(out, _model_slug(str(values.get("hf_model_id", "embedded"))), log_path)
         assert codes == [0] * len(commands), f"exit codes {codes}; log tail:\n{result.log()[-6000:]}"
         return result
@@ -221,7 +221,7 @@ class Started:
 
 @pytest.fixture
 def start_train(request) -> Callable[..., Started]:
-    """``start_train(args, log_path, launcher=[], env={})``: ``ftpipe train --config demo.yaml`` with
+    """``start_train(args, log_path, launcher=[], env={})``: ``ftpipe train --config benchmark.yaml`` with
     ``args`` (``launcher`` prefixes e.g. a torchrun command line), not waited for; killed at teardown."""
     started: list[Started] = []
 

@@ -16,8 +16,8 @@ import torch
 
 from ftpipe.config.schema import DataConfig
 from ftpipe.data.collate import SFTCollator
+from ftpipe.data.dataset import SFTDataset
 from ftpipe.data.packing import PackedDataset, pack_samples
-from ftpipe.data.tokenize import SFTDataset
 from ftpipe.train.loss import (
     ChunkedLossHead,
     PackingIsolationError,

@@ -3,7 +3,7 @@ metrics, and ``max_nonfinite_steps`` of them in a row stop training with exit st
 
 The unit tests drive ``SFTModule.configure_gradient_clipping`` directly; the distributed ones run
 ``ftpipe train`` (2 processes, FSDP2, tiny random Llama) with NaN losses injected on rank 0 through
-the ``FTPIPE_INJECT_NAN_STEPS`` test hook.
+the ``inject_nan_steps`` fault (the ``debug`` section).
 """
 
 from __future__ import annotations
@@ -23,16 +23,12 @@ import torch
 
 from ftpipe.config.paths import model_slug
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.config.validate import ConfigError, validate_config
 from ftpipe.errors import FtpipeError
-from ftpipe.export.checkpoint import read_checkpoint
-from ftpipe.train.module import (
-    INJECT_NAN_ENV,
-    NonFiniteError,
-    NonFiniteGuard,
-    SFTModule,
-    StepStats,
-    inject_nan_steps_from_env,
-)
+from ftpipe.model.checkpoint import read_checkpoint
+from ftpipe.train.faults import Faults
+from ftpipe.train.module import SFTModule
+from ftpipe.train.step import NonFiniteError, NonFiniteGuard, StepStats
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NAN = float("nan")
@@ -71,23 +67,21 @@ def test_guard_without_norm_checks_the_loss_only_and_restores_its_state():
 
 
 @pytest.mark.timeout(30)
-def test_inject_nan_steps_from_env(monkeypatch):
-    monkeypatch.delenv(INJECT_NAN_ENV, raising=False)
-    assert inject_nan_steps_from_env() == frozenset()
-    monkeypatch.setenv(INJECT_NAN_ENV, "3, 4,5")
-    assert inject_nan_steps_from_env() == {3, 4, 5}
-    monkeypatch.setenv(INJECT_NAN_ENV, "three")
-    with pytest.raises(FtpipeError, match=INJECT_NAN_ENV):
-        inject_nan_steps_from_env()
+def test_nan_steps_are_a_checked_debug_field():
+    cfg = PipelineConfig().replace(inject_nan_steps=[3, 4, 5])
+    assert Faults.from_config(validate_config(cfg).debug).nan_steps == {3, 4, 5}
+    assert Faults.from_config(PipelineConfig().debug) == Faults()
+    with pytest.raises(ConfigError, match="inject_nan_steps"):
+        validate_config(PipelineConfig().replace(inject_nan_steps=[0]))
 
 
 def _grad_step(module: SFTModule, optimizer, layer, step: int, loss: float, grad_scale: float) -> StepStats:
     for p in layer.parameters():
         p.grad = torch.full_like(p, grad_scale)
-    module.last_step = StepStats(step=step, loss=loss, label_tokens=8, tokens=8, padded_tokens=8)
+    module.steps.last = StepStats(step=step, loss=loss, label_tokens=8, tokens=8, padded_tokens=8)
     module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     optimizer.step()
-    return module.last_step
+    return module.steps.last
 
 
 @pytest.mark.timeout(60)
@@ -137,9 +131,10 @@ def _train(
         "micro_batch_size": 1,
         "warmup_steps": 1,
         "num_workers": 0,
+        "inject_nan_steps": f"[{nan_steps}]",
         **overrides,
     }
-    cmd = [sys.executable, "-m", "ftpipe", "train", "--config", str(REPO_ROOT / "configs" / "demo.yaml")]
+    cmd = [sys.executable, "-m", "ftpipe", "train", "--config", str(REPO_ROOT / "configs" / "benchmark.yaml")]
     for key, value in args.items():
         cmd += [f"--{key}", str(value)]
     env = {
@@ -147,7 +142,6 @@ def _train(
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        INJECT_NAN_ENV: nan_steps,
     }
     env.pop("PYTEST_CURRENT_TEST", None)
     log_path = tmp_path / "train.log"

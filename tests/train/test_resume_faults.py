@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ftpipe.config.paths import model_slug
-from ftpipe.export.checkpoint import read_checkpoint
+from ftpipe.model.checkpoint import read_checkpoint
 from ftpipe.train.resume import is_complete
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -89,7 +89,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
     assert [s["step"] for s in full] == list(range(1, STEPS + 1))
 
     args = _args(tmp_path, tiny_llama, alpaca_demo, "split", strategy=strategy)
-    stopped = start_train(args, tmp_path / "stopped.log", env={"FTPIPE_STOP_AT_STEP": str(HALF)})
+    stopped = start_train({**args, "stop_at_step": HALF}, tmp_path / "stopped.log")
     assert stopped.wait(timeout=240) == 3, stopped.log()[-5000:]
     assert "stopped, resumable" in stopped.log()
     root = _root(tmp_path, "split", tiny_llama)
@@ -115,7 +115,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
 @pytest.mark.timeout(420)
 def test_checkpoint_of_two_ranks_resumes_on_one(tmp_path, tiny_llama, alpaca_demo, start_train):
     args = _args(tmp_path, tiny_llama, alpaca_demo, "two", strategy="fsdp2")
-    stopped = start_train(args, tmp_path / "two.log", env={"FTPIPE_STOP_AT_STEP": str(HALF)})
+    stopped = start_train({**args, "stop_at_step": HALF}, tmp_path / "two.log")
     assert stopped.wait(timeout=240) == 3, stopped.log()[-5000:]
     (ckpt,) = (_root(tmp_path, "two", tiny_llama) / "checkpoints").glob("version_*/last.ckpt")
     assert len(list(ckpt.glob("*.distcp"))) == 2
@@ -132,7 +132,7 @@ def test_kill_during_checkpoint_save_resumes_from_the_previous_one(
     tmp_path, tiny_llama, alpaca_demo, start_train
 ):
     args = _args(tmp_path, tiny_llama, alpaca_demo, "crash", strategy="fsdp2", val_check_interval=2)
-    crashed = start_train(args, tmp_path / "crash.log", env={"FTPIPE_FAULT_AT": "checkpoint_written:4"})
+    crashed = start_train({**args, "kill_at_checkpoint_step": 4}, tmp_path / "crash.log")
     code = crashed.wait(timeout=240)
     assert code not in (0, None), crashed.log()[-5000:]
     folder = next((_root(tmp_path, "crash", tiny_llama) / "checkpoints").glob("version_*"))
@@ -202,7 +202,7 @@ def test_killed_rank_under_torchrun_restarts_and_finishes(tmp_path, tiny_llama, 
 def test_a_hung_rank_fails_the_job_with_a_message_naming_it(tmp_path, tiny_llama, alpaca_demo, start_train):
     args = _args(tmp_path, tiny_llama, alpaca_demo, "hang", strategy="fsdp2", process_group_timeout_s=15)
     started = time.monotonic()
-    job = start_train(args, tmp_path / "hang.log", env={"FTPIPE_HANG_AT": "1:3"})
+    job = start_train({**args, "hang_rank": 1, "hang_at_step": 3}, tmp_path / "hang.log")
     code = job.wait(timeout=240)
     log = job.log()
     assert code == 2, f"exit {code}; log tail:\n{log[-5000:]}"

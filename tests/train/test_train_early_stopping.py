@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from ftpipe.export.checkpoint import read_checkpoint
+from ftpipe.model.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftpipe.export.checkpoint import read_checkpoint
+from ftpipe.model.checkpoint import read_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ftpipe.config.paths import model_slug
-from ftpipe.export.checkpoint import read_checkpoint
+from ftpipe.model.checkpoint import read_checkpoint
 from ftpipe.train.resume import is_complete
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

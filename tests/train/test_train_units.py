@@ -11,7 +11,7 @@ import torch
 
 from ftpipe.config.schema import TrainConfig
 from ftpipe.train.callbacks import cuda_peak_tflops, measure_cpu_matmul_tflops, step_flops
-from ftpipe.train.module import shifted_token_loss_sum, total_grad_norm_and_clip
+from ftpipe.train.loss import shifted_token_loss_sum
 from ftpipe.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -20,6 +20,7 @@ from ftpipe.train.optim import (
     no_decay_names,
     param_groups,
 )
+from ftpipe.train.step import total_grad_norm_and_clip
 
 
 @pytest.mark.timeout(30)

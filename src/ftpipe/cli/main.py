@@ -43,12 +43,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "checkpoint -> Hugging Face folder (LoRA merged or adapter)",
     ),
     "evaluate": (
-        "ftpipe.evaluate.evaluate:evaluate",
+        "ftpipe.pipeline:evaluate_model",
         "generate on the test split and score base vs fine-tuned",
     ),
     "run": ("ftpipe.pipeline:run", "prepare, train, export and evaluate in one command"),
     "estimate": (
-        "ftpipe.estimate.memory:estimate",
+        "ftpipe.estimate.estimate:estimate",
         "per-GPU memory of a training run (weights, gradients, optimizer, activations) and whether it fits",
     ),
     "inspect": (
@@ -131,7 +131,7 @@ class _Parser(ArgumentParser):
         raise ConfigError([f"{line} (see `{self.prog.replace(' [options]', '')} --help`)"])
 
 
-def _stage_parser(options: type | None = None) -> ArgumentParser:
+def stage_parser(options: type | None = None) -> ArgumentParser:
     """Every configuration field (and the command's own options) as a flat flag."""
     parser = _Parser(default_env=False, exit_on_error=True)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file of flat field: value pairs")
@@ -161,13 +161,13 @@ def build_parser() -> ArgumentParser:
     subcommands = parser.add_subcommands(required=True)
     for name, (_, help_text) in COMMANDS.items():
         options = _import(COMMAND_OPTIONS[name]) if name in COMMAND_OPTIONS else None
-        subcommands.add_subcommand(name, _stage_parser(options), help=help_text)
+        subcommands.add_subcommand(name, stage_parser(options), help=help_text)
     for group, (help_text, members) in GROUPS.items():
         group_parser = _Parser(description=help_text)
         subcommands.add_subcommand(group, group_parser, help=help_text)
         nested = group_parser.add_subcommands(required=True)  # after the group is added (jsonargparse)
         for name, (_, member_help) in members.items():
-            nested.add_subcommand(name, _stage_parser(), help=member_help)
+            nested.add_subcommand(name, stage_parser(), help=member_help)
     return parser
 
 

@@ -19,6 +19,8 @@ def config_to_yaml(cfg: PipelineConfig) -> str:
     chunks = []
     for section in SECTIONS:
         values = dataclasses.asdict(getattr(cfg, section))
+        if section == "debug" and getattr(cfg, section) == SECTIONS[section]():
+            continue  # fault injection shows only when something is injected
         if values.get("datasets"):  # entries show only what they set
             values["datasets"] = [{k: v for k, v in e.items() if v is not None} for e in values["datasets"]]
         body = yaml.safe_dump(

@@ -206,7 +206,7 @@ def folder_error(err: BaseException, cfg: PipelineConfig) -> str | None:
 def check_output_folder(field: str, folder: Path) -> None:
     """Raise ConfigError when ``folder`` (a configured output folder) cannot be created or written, before
     anything is written: a file in its place or above it, or a parent that is not writable."""
-    from ftpipe.config.validate import ConfigError
+    from ftpipe.config.errors import ConfigError
 
     folder = folder.expanduser()
     existing = folder

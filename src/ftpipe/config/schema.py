@@ -242,7 +242,7 @@ def _dataset_entry(index: int, value: Any) -> DatasetEntry:
     """A ``datasets`` list item (an entry, or a mapping of its fields) as a DatasetEntry."""
     if isinstance(value, DatasetEntry):
         return value
-    from ftpipe.config.validate import ConfigError
+    from ftpipe.config.errors import ConfigError
 
     if not isinstance(value, dict):
         raise ConfigError(
@@ -440,7 +440,7 @@ class SageMakerConfig:
         role: IAM role ARN the training job runs as (required to launch; not for ``--dry_run``).
         region: AWS region of the job (unset: the AWS session's region; ``us-east-1`` for a dry run).
         image_uri: training image (unset: the AWS PyTorch training image for the region and
-            ``framework_version`` / ``py_version``; set it to an image built from sagemaker/Dockerfile).
+            ``framework_version`` / ``py_version``; set it to an image built from sagemaker_job/Dockerfile).
         framework_version: PyTorch version of the AWS training image.
         py_version: Python version tag of the AWS training image.
         instance_type: SageMaker instance type.
@@ -455,7 +455,7 @@ class SageMakerConfig:
         use_spot: managed spot training.
         max_run_s: maximum training time.
         max_wait_s: maximum time including waiting for spot capacity (>= max_run_s; spot only).
-        source_dir: folder uploaded as the job's code (unset: the project's ``sagemaker/`` folder).
+        source_dir: folder uploaded as the job's code (unset: the project's ``sagemaker_job/`` folder).
         base_job_name: prefix of the training job name.
         dry_run: build and print the job request without credentials or network, submit nothing.
     """
@@ -480,6 +480,32 @@ class SageMakerConfig:
     dry_run: bool = False
 
 
+@dataclass(kw_only=True)
+class DebugConfig:
+    """Fault injection, for the tests of ftpipe's own failure handling (never needed in a real run).
+
+    Parsed once with the rest of the configuration and handed to the parts it concerns
+    (:mod:`ftpipe.train.faults`); a saved configuration shows this section only when something is set.
+
+    Args:
+        inject_nan_steps: global optimizer steps (1-based) whose loss is multiplied by NaN on every rank.
+        stop_at_step: stop after this step as if SIGTERM had arrived then.
+        kill_at_checkpoint_step: SIGKILL every rank after the checkpoint of this step is written and
+            before it is published.
+        hang_rank: this rank stops responding (sleeps) at ``hang_at_step``.
+        hang_at_step: the step at which ``hang_rank`` stops responding.
+        shard_report_dir: every rank writes ``shards_rank<R>.json`` here at train start and end (local
+            and global parameter counts and a fingerprint of its shards).
+    """
+
+    inject_nan_steps: list[int] = field(default_factory=list)
+    stop_at_step: int | None = None
+    kill_at_checkpoint_step: int | None = None
+    hang_rank: int | None = None
+    hang_at_step: int | None = None
+    shard_report_dir: str | None = None
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraConfig,
@@ -489,6 +515,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "export": ExportConfig,
     "sagemaker": SageMakerConfig,
+    "debug": DebugConfig,
 }
 
 
@@ -504,6 +531,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     sagemaker: SageMakerConfig = field(default_factory=SageMakerConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> PipelineConfig:
@@ -511,7 +539,7 @@ class PipelineConfig:
         known = field_section_map()
         unknown = sorted(set(values) - set(known))
         if unknown:
-            from ftpipe.config.validate import ConfigError
+            from ftpipe.config.errors import ConfigError
 
             raise ConfigError([f"{name}: unknown configuration field" for name in unknown])
         parts: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}

@@ -5,18 +5,11 @@ from __future__ import annotations
 import math
 import string
 
+from ftpipe.config.errors import ConfigError
 from ftpipe.config.schema import DataConfig, PipelineConfig
-from ftpipe.errors import FtpipeError
 from ftpipe.templates import chat_template_problem
 
-
-class ConfigError(FtpipeError, ValueError):
-    """One or more configuration problems; each names the field and what is allowed."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+__all__ = ["ConfigError", "collect_problems", "validate_config"]
 
 
 def template_fields(template: str) -> list[str]:
@@ -249,11 +242,24 @@ def _semantic_problems(cfg: PipelineConfig) -> list[str]:
     if not 0.0 < ev.gpu_memory_utilization <= 1.0:
         problems.append(f"gpu_memory_utilization: {ev.gpu_memory_utilization!r} is outside (0, 1]")
     _check_sagemaker(cfg, problems)
+    _check_debug(cfg, problems)
     return problems
 
 
+def _check_debug(cfg: PipelineConfig, problems: list[str]) -> None:
+    db = cfg.debug
+    if [s for s in db.inject_nan_steps if s < 1]:
+        problems.append(f"inject_nan_steps: {db.inject_nan_steps!r} holds a step below 1 (steps are 1-based)")
+    _positive(problems, db, ["stop_at_step", "kill_at_checkpoint_step", "hang_at_step"])
+    _positive(problems, db, ["hang_rank"], allow_zero=True)
+    if (db.hang_rank is None) != (db.hang_at_step is None):
+        problems.append(
+            "hang_rank / hang_at_step: give both (which rank stops responding, and at which step)"
+        )
+
+
 def _check_sagemaker(cfg: PipelineConfig, problems: list[str]) -> None:
-    from ftpipe.sagemaker.instances import instance_problem
+    from ftpipe.config.instances import instance_problem
 
     sm = cfg.sagemaker
     problem = instance_problem(sm.instance_type)

@@ -29,6 +29,7 @@ from ftpipe.data.chat import uses_tools
 from ftpipe.data.errors import BadRow, DataError, bad_row_error
 from ftpipe.data.formats import RowFormat, make_converter, replace_text, row_format
 from ftpipe.data.jsonscan import RAW_COLUMN
+from ftpipe.data.manifest import MANIFEST_NAME
 from ftpipe.data.mix import SPLITS, allocate_splits, mix_targets, select_source_rows, shuffle_split
 from ftpipe.data.mix import split_counts as split_counts
 from ftpipe.data.sources import ROW_NUMBERS, Part, Source, load_parts
@@ -37,7 +38,6 @@ from ftpipe.utils.logging import get_logger, global_rank
 log = get_logger(__name__)
 
 SPLIT_FILES = {"train": "training.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
-MANIFEST_NAME = "manifest.json"
 READY_MARKER = ".data_ready"
 _FEATURES = datasets.Features(
     {
@@ -53,14 +53,6 @@ _COERCED_HELP = (
     "a JSON number or boolean where text belongs (with on_bad_row: skip it is taken as its JSON text "
     "and counted)"
 )
-
-
-def read_manifest(folder: Path) -> dict | None:
-    """The manifest of a prepared folder; None when it is missing or unreadable."""
-    try:
-        return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def drop_nested_nulls(value: Any, top: bool = True) -> Any:

@@ -28,9 +28,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.collate import SFTCollator
+from ftpipe.data.dataset import SFTDataset
 from ftpipe.data.errors import DataError
 from ftpipe.data.packing import LengthGroupedBatchSampler, PackedDataset
-from ftpipe.data.tokenize import IGNORE_INDEX, SFTDataset, check_chat_template_early
+from ftpipe.data.tokenize import IGNORE_INDEX, check_chat_template_early
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -208,7 +209,6 @@ class LabelFreePadding(Dataset):
 
 def _flash_attention(cfg: PipelineConfig) -> bool:
     """True when training will use flash-attention (packed rows are then flattened into one row)."""
-    from ftpipe.distributed.devices import accelerator_name
-    from ftpipe.model.load import select_attn_implementation
+    from ftpipe.runtime import accelerator_name, select_attn_implementation
 
     return select_attn_implementation(cfg, accelerator_name(cfg)) == "flash_attention_2"

@@ -18,10 +18,12 @@ from filelock import FileLock, Timeout
 from ftpipe.config.mix import SourceSettings, source_settings
 from ftpipe.config.paths import check_output_folder, prepare_settings, prepared_data_dir, settings_hash
 from ftpipe.config.schema import PipelineConfig
-from ftpipe.data.build import READY_MARKER, SPLIT_FILES, build_prepared, read_manifest
+from ftpipe.data.build import READY_MARKER, SPLIT_FILES, build_prepared
 from ftpipe.data.errors import DataError, PrepareTimeoutError
+from ftpipe.data.manifest import read_manifest
 from ftpipe.data.sources import Source, resolve_source, source_fingerprint
 from ftpipe.utils.logging import get_logger, global_rank
+from ftpipe.utils.world import distributed
 
 log = get_logger(__name__)
 _POLL_S = 0.5
@@ -240,7 +242,6 @@ def _local_rank() -> int:
 def prepare_data(cfg: PipelineConfig) -> PreparedData:
     """Prepare (or reuse) the data set of ``cfg`` in ``prepared_data_dir(cfg.data)`` on rank 0 (on
     the first process of every node with ``prepare_per_node``), or take ``prepared_dir`` as it is."""
-    import torch.distributed as dist
 
     folder = prepared_data_dir(cfg.data)
     rank = global_rank()
@@ -249,7 +250,7 @@ def prepare_data(cfg: PipelineConfig) -> PreparedData:
     elif cfg.data.prepare_per_node:
         leader = _local_rank() == 0
         result = _prepare_rank0(cfg, folder) if leader else _wait_ready(cfg, folder, rank)
-    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    elif distributed():
         result = _prepare_in_group(cfg, folder, rank)
     elif rank == 0:
         result = _prepare_rank0(cfg, folder)

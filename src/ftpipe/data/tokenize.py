@@ -3,9 +3,9 @@
 Prepared rows come in two shapes: ``{"id", "input", "output"}`` (an alpaca prompt, template already
 applied, and its answer) and ``{"id", "messages": [...], "tools": [...]}`` (chat, in the internal form
 of :mod:`ftpipe.data.chat`; rendering with tools and reasoning traces is in :mod:`ftpipe.data.render`).
-Prepared files are read line by line (:func:`load_jsonl_rows`), so values keep their types. The pure
-functions here turn one row into token ids; ``encode_prompt`` is what evaluation uses, so a prompt is
-built exactly as training built it. ``SFTDataset`` tokenizes a prepared JSONL file once, eagerly.
+The pure functions here turn one row into token ids; ``encode_prompt`` is what evaluation uses, so a
+prompt is built exactly as training built it. ``ftpipe.data.dataset`` reads prepared files line by line
+(values keep their types) and tokenizes them with these functions into the training ``SFTDataset``.
 
 Choices:
 
@@ -42,22 +42,16 @@ Choices:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import Dataset
-
 from ftpipe.config.schema import DataConfig
-from ftpipe.data import render as render_module
-from ftpipe.data.chat import ROLES, check_role_order, uses_tools
+from ftpipe.data.chat import ROLES, check_role_order
 from ftpipe.data.errors import BadRow, DataError
-from ftpipe.data.jsonscan import RAW_COLUMN
 from ftpipe.data.render import (  # ChatTemplateError: re-exported, part of this module's interface
     ChatTemplateError,
     apply_reasoning,
@@ -72,7 +66,6 @@ from ftpipe.data.render import (  # ChatTemplateError: re-exported, part of this
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
-    import datasets
     from transformers import PreTrainedTokenizerBase
 
 log = get_logger(__name__)
@@ -140,7 +133,7 @@ def _first_row(path: Path) -> Mapping[str, Any] | None:
 
 def _manifest_tools(folder: Path) -> int:
     """Rows with tools according to a prepared folder's manifest (0 when unknown)."""
-    from ftpipe.data.build import read_manifest
+    from ftpipe.data.manifest import read_manifest
 
     count = (read_manifest(folder) or {}).get("rows_with_tools", 0)
     return count if isinstance(count, int) else 0
@@ -226,7 +219,8 @@ def chat_segments(
 # token ids
 
 
-def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The ids of ``text`` without any special tokens added."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -240,7 +234,7 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def _plain_prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    ids = _text_ids(tokenizer, text)
+    ids = text_ids(tokenizer, text)
     bos = tokenizer.bos_token_id
     if adds_bos(tokenizer) and (not ids or ids[0] != bos):
         ids = [bos, *ids]
@@ -254,7 +248,8 @@ def _require_text(row: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's EOS id; a ChatTemplateError naming the model when it has none."""
     if tokenizer.eos_token_id is None:
         raise ChatTemplateError(
             f"the tokenizer of {model_name(tokenizer)} has no EOS token, so answers cannot end; "
@@ -271,9 +266,7 @@ def _alpaca_prompt_ids(
         return _plain_prompt_ids(tokenizer, text)
     require_chat_template(tokenizer, "use_chat_template is true")
     messages = _with_system([{"role": "user", "content": text}], data_cfg)
-    return _text_ids(
-        tokenizer, render(tokenizer, messages, generation=True, kwargs=template_kwargs(data_cfg))
-    )
+    return text_ids(tokenizer, render(tokenizer, messages, generation=True, kwargs=template_kwargs(data_cfg)))
 
 
 #: (context ids, context labels, answer ids, answer labels) of one sample before fitting.
@@ -284,14 +277,14 @@ def _pieces_to_parts(tokenizer: PreTrainedTokenizerBase, pieces: list[tuple[str,
     ctx_ids: list[int] = []
     ctx_labels: list[int] = []
     for text, trained in pieces[:-1]:
-        ids = _text_ids(tokenizer, text)
+        ids = text_ids(tokenizer, text)
         ctx_ids += ids
         if trained and eos in ids:  # the turn up to its EOS is learned, the template's glue after is not
             end = len(ids) - ids[::-1].index(eos)
             ctx_labels += ids[:end] + [IGNORE_INDEX] * (len(ids) - end)
         else:
             ctx_labels += ids if trained else [IGNORE_INDEX] * len(ids)
-    answer = _text_ids(tokenizer, pieces[-1][0])
+    answer = text_ids(tokenizer, pieces[-1][0])
     answer = answer[: len(answer) - answer[::-1].index(eos)] if eos in answer else [*answer, eos]
     return ctx_ids, ctx_labels, answer, list(answer)
 
@@ -302,7 +295,7 @@ def _chat_samples(
     """The samples of a chat row (one, or one per assistant turn for a history-rewriting template), and
     whether the row was split per turn; no samples without an assistant turn."""
     require_chat_template(tokenizer, "the data has chat rows (messages)")
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     messages, args = _render_args(tokenizer, row, data_cfg)
     pieces = chat_pieces(tokenizer, messages, row_name=_row_name(row), **args)
     return [_pieces_to_parts(tokenizer, p, eos) for p in pieces.samples], pieces.per_turn
@@ -321,7 +314,7 @@ def encode_prompt(
     samples, _ = _chat_samples(tokenizer, row, data_cfg)
     if not samples:  # no answer in the row: the whole conversation is the prompt
         messages, args = _render_args(tokenizer, row, data_cfg)
-        return _text_ids(tokenizer, render(tokenizer, messages, generation=True, **args))
+        return text_ids(tokenizer, render(tokenizer, messages, generation=True, **args))
     return samples[-1][0]
 
 
@@ -390,9 +383,9 @@ def fit_to_length(
 
 
 def _alpaca_parts(tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], data_cfg: DataConfig) -> Parts:
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     ctx_ids = _alpaca_prompt_ids(tokenizer, row, data_cfg)
-    answer_ids = _text_ids(tokenizer, _require_text(row, "output"))
+    answer_ids = text_ids(tokenizer, _require_text(row, "output"))
     if not answer_ids or answer_ids[-1] != eos:
         answer_ids.append(eos)
     return ctx_ids, [IGNORE_INDEX] * len(ctx_ids), answer_ids, list(answer_ids)
@@ -431,260 +424,3 @@ def encode_example(
     """The sample of a row's final answer within ``max_len`` (default ``max_seq_length``); None when dropped."""
     examples, _ = encode_examples(tokenizer, row, data_cfg, max_len)
     return examples[-1] if examples else None
-
-
-# --------------------------------------------------------------------------------------------------
-# the dataset
-
-_EMPTY_SAMPLE = {
-    "input_ids": [],
-    "labels": [],
-    "prompt_truncated": False,
-    "output_cut": False,
-    "full_length": 0,
-}
-
-
-def _encode_batch(
-    batch: dict[str, list],
-    tokenizer: PreTrainedTokenizerBase,
-    data_cfg: DataConfig,
-    max_len: int,
-    **_: Any,
-) -> dict[str, list]:
-    """Rows -> samples (usually one per row; one per assistant turn for history-rewriting templates; a
-    ``dropped`` placeholder for a row with nothing to learn, so every row is counted)."""
-    out: dict[str, list] = {name: [] for name in _features()}
-    count = len(next(iter(batch.values()))) if batch else 0
-    for j in range(count):
-        row = json.loads(batch[RAW_COLUMN][j]) if RAW_COLUMN in batch else {c: batch[c][j] for c in batch}
-        examples, per_turn = encode_examples(tokenizer, row, data_cfg, max_len)
-        items = [dataclasses.asdict(e) | {"dropped": False} for e in examples] or [
-            _EMPTY_SAMPLE | {"dropped": True}
-        ]
-        for turn, item in enumerate(items):
-            for key, value in item.items():
-                out[key].append(value)
-            out["per_turn"].append(per_turn)
-            out["turn"].append(turn if per_turn else -1)
-            out["row_id"].append(row.get("id") if isinstance(row.get("id"), int) else None)
-            out["source"].append(row.get("source") if isinstance(row.get("source"), str) else None)
-    return out
-
-
-def _warn_if_turns_lack_eos(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
-    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-    try:
-        segments = chat_segments(tokenizer, probe, row_name="probe")
-    except Exception:  # the rows themselves report template problems, naming the row
-        return
-    if tokenizer.eos_token_id not in _text_ids(tokenizer, segments[-1][0]):
-        log.warning(
-            "%s: the chat template of %s does not end assistant turns with the EOS token %r; the final "
-            "turn of each sample gets EOS appended, earlier turns are trained as the template renders them",
-            name,
-            model_name(tokenizer),
-            tokenizer.eos_token,
-        )
-
-
-def load_jsonl_rows(path: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:
-    """A JSONL file as a memory-mapped data set of one column holding each line's JSON text.
-
-    The rows are decoded one by one where they are used, so every value keeps the type its own row
-    gives it (``datasets``' JSON loader would give a column one type across all rows, and fill absent
-    keys of nested objects, such as tool arguments, with null). The Arrow file is cached under
-    ``cache_dir`` (default: the ``datasets`` cache), keyed by the file's path, size and mtime.
-    """
-    import datasets
-
-    from ftpipe.data.jsonscan import scan_json_lines
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"prepared data file {path} does not exist; run the prepare stage first")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "ftpipe-rows"
-    target = folder / f"{path.stem}-{key}.arrow"
-    if not target.is_file():
-        work = folder / f".{key}-{os.getpid()}"
-        try:  # an unreadable line is a BadRowError naming the file and line
-            scan = scan_json_lines(path, work, fail=True)
-            if scan.arrow_file is None:  # pragma: no cover - scan_json_lines always writes one
-                raise FileNotFoundError(path)
-            os.replace(scan.arrow_file, target)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return datasets.Dataset.from_file(str(target))
-
-
-def _load_rows(source: str | os.PathLike | datasets.Dataset, cache_dir: str | None) -> datasets.Dataset:
-    import datasets
-
-    if isinstance(source, datasets.Dataset):
-        return source
-    return load_jsonl_rows(source, cache_dir)
-
-
-def _rows_use_tools(rows: datasets.Dataset) -> bool:
-    """True when a row has tools, tool calls or tool results (only raw rows that mention ``"tool`` are parsed)."""
-    if RAW_COLUMN not in rows.column_names:
-        return "messages" in rows.column_names and any(uses_tools(row) for row in rows)
-    import pyarrow.compute as pc
-
-    column = rows.data.column(RAW_COLUMN)
-    hits = pc.indices_nonzero(pc.match_substring(column, '"tool')).to_pylist()
-    return any(uses_tools(json.loads(column[i].as_py())) for i in hits)
-
-
-def _features() -> datasets.Features:
-    from datasets import Features, List, Value
-
-    return Features(
-        {
-            "input_ids": List(Value("int32")),
-            "labels": List(Value("int32")),
-            "prompt_truncated": Value("bool"),
-            "output_cut": Value("bool"),
-            "full_length": Value("int32"),
-            "dropped": Value("bool"),
-            "per_turn": Value("bool"),
-            "turn": Value("int32"),
-            "row_id": Value("int64"),
-            "source": Value("string"),
-        }
-    )
-
-
-def _empty() -> datasets.Dataset:
-    import datasets
-
-    features = _features()
-    return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
-
-
-class SFTDataset(Dataset):
-    """A prepared split tokenized once at construction (cached by ``datasets``; memory-mapped).
-
-    Items are ``{"input_ids": list[int], "labels": list[int]}``, unpadded; ``stats`` says how many rows
-    were truncated, cut, dropped or split into one sample per assistant turn. ``samples`` holds every
-    sample with its row id, source and token counts (what ``ftpipe inspect`` shows).
-    """
-
-    def __init__(
-        self,
-        source: str | os.PathLike | datasets.Dataset,
-        tokenizer: PreTrainedTokenizerBase,
-        data_cfg: DataConfig,
-        *,
-        name: str | None = None,
-        max_len: int | None = None,
-        cache_dir: str | None = None,
-    ) -> None:
-        import pyarrow.compute as pc
-
-        self.name = name or (Path(source).name if isinstance(source, (str, os.PathLike)) else "dataset")
-        self.max_len = data_cfg.max_seq_length if max_len is None else max_len
-        try:
-            rows = _load_rows(source, cache_dir)
-        except ValueError as err:
-            raise type(err)(f"{self.name}: {err}") from err
-        # Fail before any long work: a missing chat template or EOS shows on the first row already.
-        _eos_id(tokenizer)
-        chat_rows = "messages" in rows.column_names or (
-            len(rows) > 0 and RAW_COLUMN in rows.column_names and is_chat_row(json.loads(rows[0][RAW_COLUMN]))
-        )
-        if chat_rows or data_cfg.use_chat_template:
-            reason = "the data has chat rows (messages)" if chat_rows else "use_chat_template is true"
-            require_chat_template(tokenizer, reason)
-            _warn_if_turns_lack_eos(tokenizer, self.name)
-        if chat_rows and _rows_use_tools(rows):
-            check_tool_template(tokenizer, f"{self.name}: the data uses tools")
-        code_digest = hashlib.sha256(
-            Path(__file__).read_bytes() + Path(render_module.__file__).read_bytes()
-        ).hexdigest()
-        try:
-            encoded = (
-                _empty()
-                if len(rows) == 0
-                else rows.map(
-                    _encode_batch,
-                    batched=True,
-                    fn_kwargs={
-                        "tokenizer": tokenizer,
-                        "data_cfg": data_cfg,
-                        "max_len": self.max_len,
-                        "code": code_digest,
-                    },
-                    remove_columns=rows.column_names,
-                    features=_features(),
-                    desc=f"tokenizing {self.name}",
-                )
-            )
-        except ValueError as err:  # name the file: the message already names the row
-            raise type(err)(f"{self.name}: {err}") from err
-        table = encoded.data
-        dropped = table.column("dropped").to_pylist()
-        kept = [i for i, d in enumerate(dropped) if not d]
-        if len(kept) < len(dropped):
-            encoded = encoded.select(kept)
-            table = encoded.data
-        per_turn = table.column("per_turn")
-        first_turns = pc.and_(per_turn, pc.equal(table.column("turn"), 0))
-        lengths = pc.list_value_length(table.column("input_ids"))
-        label_flags = pc.not_equal(pc.list_flatten(table.column("labels")), IGNORE_INDEX)
-        self.stats = TokenizationStats(
-            rows=int(len(dropped) - (pc.sum(per_turn).as_py() or 0) + (pc.sum(first_turns).as_py() or 0)),
-            kept=len(kept),
-            truncated_prompts=int(pc.sum(table.column("prompt_truncated")).as_py() or 0),
-            cut_outputs=int(pc.sum(table.column("output_cut")).as_py() or 0),
-            dropped=len(dropped) - len(kept),
-            tokens=int(pc.sum(lengths).as_py() or 0),
-            label_tokens=int(pc.sum(label_flags).as_py() or 0),
-            per_turn_rows=int(pc.sum(first_turns).as_py() or 0),
-            per_turn_samples=int(pc.sum(per_turn).as_py() or 0),
-        )
-        self.samples = encoded
-        self.data = encoded.select_columns(["input_ids", "labels"])
-        self._log_stats()
-
-    def _log_stats(self) -> None:
-        s = self.stats
-        level = "warning" if s.cut_outputs or s.dropped else "info"
-        getattr(log, level)(
-            "%s: %d rows -> %d samples, %d tokens (%d in the loss); max_seq_length %d: %d prompts truncated "
-            "from the left, %d answers cut from the right, %d rows dropped with nothing to learn",
-            self.name,
-            s.rows,
-            s.kept,
-            s.tokens,
-            s.label_tokens,
-            self.max_len,
-            s.truncated_prompts,
-            s.cut_outputs,
-            s.dropped,
-        )
-        if s.per_turn_rows:
-            log.info(
-                "%s: the chat template renders earlier turns differently once later turns exist (it rewrites "
-                "the history, e.g. strips reasoning from earlier assistant turns), so %d conversations were "
-                "trained as %d samples, one per assistant turn, each with its history as the template "
-                "renders it at inference",
-                self.name,
-                s.per_turn_rows,
-                s.per_turn_samples,
-            )
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.data[index]
-
-    @property
-    def lengths(self) -> list[int]:
-        """Tokens of every sample, in order (read from the Arrow table, no sample is decoded)."""
-        import pyarrow.compute as pc
-
-        return pc.list_value_length(self.data.data.column("input_ids")).to_pylist()

@@ -1,7 +1,8 @@
 """Stage 5: parallelism, kept apart from the model: FSDP2/FSDP1/DDP strategies, wrapping, checkpointing.
 
-The names below are imported on first use, so that loading a model (``ftpipe.model.load``, which
-uses the wrapping helpers) does not import Lightning.
+The names below are imported on first use, so that building a model (``create_model``, which uses the
+wrapping helpers) does not import Lightning. The run-time choices (accelerator, precision, attention)
+are ``ftpipe.runtime``'s.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ _EXPORTS = {
     "DecoderLayerNotFoundError": "ftpipe.distributed.layers",
     "discover_decoder_layer_classes": "ftpipe.distributed.layers",
     "find_decoder_layer_classes": "ftpipe.distributed.layers",
-    "accelerator_name": "ftpipe.distributed.devices",
-    "process_group_backend": "ftpipe.distributed.devices",
     "leave_process_group": "ftpipe.distributed.devices",
     "apply_activation_checkpointing": "ftpipe.distributed.checkpointing",
     "build_strategy": "ftpipe.distributed.strategy",
+    "create_model": "ftpipe.distributed.build",
     "shard_model": "ftpipe.distributed.fsdp2",
 }
 
@@ -27,19 +27,19 @@ __all__ = [
     "CPUFSDPStrategy",
     "DecoderLayerNotFoundError",
     "MaterializeMeta",
-    "accelerator_name",
     "apply_activation_checkpointing",
     "build_strategy",
+    "create_model",
     "discover_decoder_layer_classes",
     "find_decoder_layer_classes",
     "leave_process_group",
-    "process_group_backend",
     "shard_model",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from ftpipe.distributed.build import create_model
     from ftpipe.distributed.checkpointing import apply_activation_checkpointing
-    from ftpipe.distributed.devices import accelerator_name, leave_process_group, process_group_backend
+    from ftpipe.distributed.devices import leave_process_group
     from ftpipe.distributed.fsdp1 import CPUFSDPStrategy, MaterializeMeta
     from ftpipe.distributed.fsdp2 import shard_model
     from ftpipe.distributed.layers import (

@@ -1,32 +1,10 @@
-"""Which accelerator runs the job, and the matching process-group backend."""
+"""Leaving the process group together at the end of training."""
 
 from __future__ import annotations
 
 import os
 
-import torch
-
-from ftpipe.config.schema import PipelineConfig
-from ftpipe.config.validate import ConfigError
-
-
-def accelerator_name(cfg: PipelineConfig) -> str:
-    """``cuda`` when a CUDA device is visible and ``accelerator`` is not ``cpu``, else ``cpu``."""
-    wanted = cfg.dist.accelerator
-    if wanted == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    if wanted == "cuda":
-        raise ConfigError(
-            ["accelerator: 'cuda' but no CUDA device is visible (set accelerator: auto or cpu)"]
-        )
-    return "cpu"
-
-
-def process_group_backend(cfg: PipelineConfig) -> str:
-    """``nccl`` on CUDA, ``gloo`` on the CPU."""
-    return "nccl" if accelerator_name(cfg) == "cuda" else "gloo"
+from ftpipe.utils.world import in_group
 
 
 def leave_process_group() -> None:
@@ -38,7 +16,7 @@ def leave_process_group() -> None:
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_group():
         return
     # Rank-aware logging keeps working without the group (Lightning's launcher sets no RANK).
     os.environ["RANK"] = str(dist.get_rank())

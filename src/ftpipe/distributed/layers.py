@@ -88,7 +88,7 @@ def discover_decoder_layer_classes(cfg: PipelineConfig) -> set[type[torch.nn.Mod
     """The decoder layer classes of ``cfg``'s model without loading weights (built on the meta device)."""
     from transformers import AutoModelForCausalLM
 
-    from ftpipe.model.load import load_model_config  # here: ftpipe.model.load imports this package
+    from ftpipe.model.load import load_model_config
 
     config = load_model_config(cfg)
     with torch.device("meta"):

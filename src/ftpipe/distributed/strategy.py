@@ -14,9 +14,8 @@ from lightning.pytorch.strategies import (
 )
 
 from ftpipe.config.schema import PipelineConfig
-from ftpipe.distributed.devices import accelerator_name, process_group_backend
 from ftpipe.distributed.fsdp1 import CPUFSDPStrategy, MaterializeMeta
-from ftpipe.distributed.precision import compute_dtype, is_16bit
+from ftpipe.runtime import accelerator_name, compute_dtype, is_16bit, process_group_backend, select_precision
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -24,8 +23,6 @@ log = get_logger(__name__)
 
 def _fsdp1(cfg: PipelineConfig, layer_classes: set[type], common: dict) -> FSDPStrategy:
     from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, MixedPrecision
-
-    from ftpipe.model.load import select_precision  # here: ftpipe.model.load imports this package
 
     ds = cfg.dist
     on_cpu = accelerator_name(cfg) == "cpu"

@@ -1,6 +1,7 @@
-"""Memory estimate before a run: ``ftpipe estimate`` (``memory``), the model's shape from its config without
+"""Memory estimate before a run: ``ftpipe estimate`` (``estimate``), the computation (``memory``), the model's shape from its config without
 weights (``shape``), the activation formula (``activations``) and the printed table (``report``)."""
 
-from ftpipe.estimate.memory import MemoryEstimate, estimate
+from ftpipe.estimate.estimate import estimate
+from ftpipe.estimate.memory import MemoryEstimate
 
 __all__ = ["MemoryEstimate", "estimate"]

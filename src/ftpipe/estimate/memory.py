@@ -1,4 +1,4 @@
-"""``ftpipe estimate``: the expected per-GPU memory of a training run, before the run.
+"""The expected per-GPU memory of a training run, before the run (printed by ``ftpipe estimate``).
 
 Weights, LoRA weights, gradients and AdamW state follow from exact parameter counts (the model built on the
 meta device, with ftpipe's LoRA) and the precision ftpipe would select; FSDP divides them by the ranks one
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ftpipe.config.schema import PipelineConfig
-from ftpipe.distributed.precision import compute_dtype, is_16bit, weight_dtype
 from ftpipe.errors import FtpipeError
 from ftpipe.estimate.activations import Activations, activation_bytes
 from ftpipe.estimate.shape import ModelShape, model_shape
+from ftpipe.runtime import compute_dtype, is_16bit, weight_dtype
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -144,7 +144,7 @@ def _local_device(cfg: PipelineConfig) -> str:
 def _target(cfg: PipelineConfig) -> Target:
     """The precision and attention kernel ftpipe would select; a GPU run planned from a machine without one
     (``accelerator: cuda`` or ``gpu_memory_gib`` set) assumes a GPU with bf16 support."""
-    from ftpipe.model.load import select_attn_implementation, select_precision
+    from ftpipe.runtime import select_attn_implementation, select_precision
 
     local = _local_device(cfg)
     planned_gpu = cfg.dist.accelerator == "cuda" or cfg.dist.gpu_memory_gib is not None
@@ -363,8 +363,8 @@ def _advice(cfg: PipelineConfig, shape: ModelShape, target: Target, memory: int)
     )
 
 
-def estimate(cfg: PipelineConfig) -> MemoryEstimate:
-    """Estimate the per-GPU memory of training ``cfg`` and print it as a table on stdout.
+def plan(cfg: PipelineConfig) -> MemoryEstimate:
+    """The per-GPU memory of training ``cfg`` (``ftpipe.estimate.estimate`` prints it).
 
     Reads only the model's configuration (a local folder holding config.json works offline); no weights
     are loaded.
@@ -373,21 +373,12 @@ def estimate(cfg: PipelineConfig) -> MemoryEstimate:
         ModelConfigUnavailable: the model's configuration cannot be read.
         EstimateError: the configured precision or attention kernel cannot run on the target device.
     """
-    from ftpipe.estimate.report import print_estimate
-
     target = _target(cfg)
     shape = model_shape(cfg)
     memory = _device_memory(cfg, target.device)
     result = _compute(cfg, shape, target, memory)
     if result.fits is False and memory is not None:
         result = _with_advice(result, _advice(cfg, shape, target, memory))
-    print_estimate(result)
-    log.info(
-        "estimate: %.2f GiB per %s%s",
-        result.total / GIB,
-        "GPU" if target.device == "cuda" else "process",
-        "" if result.fits is None else (" (fits)" if result.fits else " (does not fit)"),
-    )
     return result
 
 

@@ -8,9 +8,9 @@ from typing import TextIO
 from rich.console import Console
 from rich.table import Table
 
-from ftpipe.distributed.precision import compute_dtype, weight_dtype
 from ftpipe.estimate.memory import GIB, HEADROOM, MemoryEstimate
 from ftpipe.estimate.memory import format_gib as _gib
+from ftpipe.runtime import compute_dtype, weight_dtype
 
 
 def _dtype(dtype) -> str:

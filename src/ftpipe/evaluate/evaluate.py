@@ -4,7 +4,8 @@ For the (first ``max_eval_samples``) rows of the prepared test split: prompts bu
 training (``build_prompts``), answers generated with vLLM when installed (else transformers),
 BERTScore / ROUGE-L / exact match against each row's reference answer, and loss / perplexity of the
 reference answers (``encode_example``, as training encodes them). The same for the base model and
-the fine-tuned one (the merged export; exported first when missing). Written to
+the fine-tuned one (a model folder the caller gives; ``ftpipe evaluate`` finds or makes the merged
+export first, see ``ftpipe.pipeline.evaluate_model``). Written to
 ``<results_root>/eval/``: ``eval_report.json`` and ``report.md`` with the training curves.
 """
 
@@ -53,6 +54,7 @@ class EvalResult:
         finetuned: aggregate scores of the fine-tuned model.
         plots: training-curve PNGs.
         seconds: how long the evaluation took.
+        finetuned_path: the fine-tuned model that was scored.
     """
 
     report_json: str
@@ -63,6 +65,7 @@ class EvalResult:
     finetuned: dict[str, float]
     plots: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    finetuned_path: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,28 +78,29 @@ def eval_dir(cfg: PipelineConfig) -> Path:
     return results_root(cfg) / "eval"
 
 
-def finetuned_model_path(cfg: PipelineConfig) -> str:
-    """The merged export (``export_dir`` when it holds a full model, else ``<results_root>/export/merged``);
-    exported from the checkpoint first when it is missing."""
-    from ftpipe.export.export import default_export_dir, export_model
+def rows_to_score(cfg: PipelineConfig) -> tuple[Path, list[dict[str, Any]]]:
+    """The prepared test split and its rows to score (the first ``max_eval_samples``), after checking
+    that the report folder can be written; an EvaluationError when there is nothing to score."""
+    from ftpipe.data.prepare import prepare_data, read_jsonl
 
-    if cfg.export.export_dir and (Path(cfg.export.export_dir).expanduser() / "config.json").is_file():
-        return str(Path(cfg.export.export_dir).expanduser())
-    merged = results_root(cfg) / "export" / "merged"
-    if (merged / "config.json").is_file():
-        return str(merged)
-    log.info("no merged export at %s: exporting the checkpoint first", merged)
-    return export_model(
-        cfg.replace(merge=True, export_dir=str(default_export_dir(cfg.replace(export_dir=None), "merged")))
-    ).path
+    check_output_folder("eval_dir" if cfg.eval.eval_dir else "results_dir", eval_dir(cfg))
+    prepared = prepare_data(cfg)
+    rows = read_jsonl(prepared.test_file)
+    if cfg.eval.max_eval_samples is not None:
+        rows = rows[: cfg.eval.max_eval_samples]
+    if not rows:
+        raise EvaluationError(
+            f"the test split {prepared.test_file} is empty: set test_ratio above 0 (and max_eval_samples >= 1)"
+        )
+    return prepared.test_file, rows
 
 
 def _loss(model_path: str, examples: list[tuple[list[int], list[int]]], cfg: PipelineConfig, pad_id: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftpipe.evaluate.generate import device_and_dtype
     from ftpipe.evaluate.metrics import loss_and_perplexity
+    from ftpipe.model.serving_handler import device_and_dtype
 
     device, dtype = device_and_dtype()
     model = AutoModelForCausalLM.from_pretrained(
@@ -171,9 +175,10 @@ def per_source_scores(sources: list[str | None], per_sample: dict[str, list]) ->
     return out
 
 
-def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResult:
-    """Score the base and the fine-tuned model on the test split; write the report in ``results_root/eval``."""
-    from ftpipe.data.prepare import prepare_data, read_jsonl
+def evaluate(cfg: PipelineConfig, finetuned_path: str) -> EvalResult:
+    """Score the base model and the fine-tuned model in ``finetuned_path`` (a Hugging Face folder) on the
+    test split; write the report in ``results_root/eval``. Which model that is, and whether it must be
+    exported first, is the caller's choice (``ftpipe.pipeline.evaluate_model``)."""
     from ftpipe.data.tokenize import encode_example, reference_output, reference_tool_calls
     from ftpipe.evaluate.generate import build_prompts
     from ftpipe.evaluate.report import write_report
@@ -182,15 +187,7 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
 
     start = time.monotonic()
     cfg = validate_config(cfg)
-    check_output_folder("eval_dir" if cfg.eval.eval_dir else "results_dir", eval_dir(cfg))
-    prepared = prepare_data(cfg)
-    rows = read_jsonl(prepared.test_file)
-    if cfg.eval.max_eval_samples is not None:
-        rows = rows[: cfg.eval.max_eval_samples]
-    if not rows:
-        raise EvaluationError(
-            f"the test split {prepared.test_file} is empty: set test_ratio above 0 (and max_eval_samples >= 1)"
-        )
+    test_file, rows = rows_to_score(cfg)
     tokenizer = load_tokenizer(cfg.model)
     prompts = build_prompts(tokenizer, rows, cfg.data)
     references = [reference_output(row) for row in rows]
@@ -202,7 +199,7 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
 
     models = {
         "base": resolve_model_path(cfg.model.hf_model_id, cfg.model.model_cache_dir),
-        "finetuned": finetuned_path or finetuned_model_path(cfg),
+        "finetuned": finetuned_path,
     }
     results = {
         name: _score_model(name, path, prompts, references, tool_refs, examples, cfg, pad_id)
@@ -240,7 +237,7 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
     report = {
         "backend": backend,
         "models": models,
-        "test_file": str(prepared.test_file),
+        "test_file": str(test_file),
         "num_samples": len(rows),
         "num_loss_samples": len(examples),
         "bertscore_model": first_scores["bertscore_model"],
@@ -268,10 +265,6 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
     }
     report["timings"] = {"total_seconds": time.monotonic() - start}
     paths = write_report(report, eval_dir(cfg), results_root(cfg) / METRICS_FILENAME)
-    if Path(models["finetuned"]).is_dir():  # an export with its model card: the table goes in
-        from ftpipe.export.card import update_evaluation
-
-        update_evaluation(models["finetuned"], aggregates, len(rows))
     result = EvalResult(
         report_json=paths["json"],
         report_md=paths["markdown"],
@@ -283,6 +276,7 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResu
         },
         plots=paths["plots"],
         seconds=time.monotonic() - start,
+        finetuned_path=finetuned_path,
     )
     log.info(
         "evaluation (%s, %d samples) in %.0fs: %s; report: %s",

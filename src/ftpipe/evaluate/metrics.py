@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftpipe.config.schema import EvalConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
 
@@ -45,9 +46,9 @@ class MetricsError(FtpipeError, RuntimeError):
 class MetricSettings:
     """How answers are scored (see ``EvalConfig``: bertscore_model, bertscore_num_layers, eval_batch_size)."""
 
-    bertscore_model: str | None = None
-    bertscore_num_layers: int | None = None
-    batch_size: int = 8
+    bertscore_model: str | None = EvalConfig().bertscore_model
+    bertscore_num_layers: int | None = EvalConfig().bertscore_num_layers
+    batch_size: int = EvalConfig().eval_batch_size
     device: str | None = None
 
     @classmethod

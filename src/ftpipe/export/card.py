@@ -56,7 +56,7 @@ def _hub_datasets(cfg: PipelineConfig) -> list[str]:
 
 
 def _data_lines(cfg: PipelineConfig) -> list[str]:
-    from ftpipe.data.build import read_manifest
+    from ftpipe.data.manifest import read_manifest
 
     manifest = read_manifest(prepared_data_dir(cfg.data)) or {}
     counts = manifest.get("counts") or {}

@@ -33,7 +33,7 @@ from ftpipe.config.paths import EMBEDDED_MODEL_ID, check_output_folder, run_chec
 from ftpipe.config.schema import EMBEDDED_MODEL, PipelineConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.export.card import write_model_card
-from ftpipe.export.checkpoint import CheckpointWeights, is_lora_key, read_checkpoint
+from ftpipe.model.checkpoint import CheckpointWeights, is_lora_key, read_checkpoint
 from ftpipe.utils.folders import recover, staging_dir, swap_in
 from ftpipe.utils.logging import get_logger
 
@@ -192,7 +192,7 @@ def apply_adapter_weights(peft_model, weights: dict[str, torch.Tensor], source: 
     tensor of ``weights`` must fit one, else ExportError (a mismatch of rank, variant or target modules
     would give a wrong model).
     """
-    from ftpipe.export.checkpoint import hf_name
+    from ftpipe.model.checkpoint import hf_name
 
     params = {hf_name(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
     lora = {k: v for k, v in weights.items() if k in params or is_lora_key(k) or "lora_" in k}

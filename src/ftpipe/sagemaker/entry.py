@@ -1,5 +1,5 @@
 """Entry point inside a SageMaker training container: ``python -m ftpipe.sagemaker.entry``, or the
-thin ``sagemaker/train.py`` of a ``source_dir`` upload.
+thin ``sagemaker_job/train.py`` of a ``source_dir`` upload.
 
 It builds the same configuration as ``ftpipe run`` from SageMaker's environment and runs the
 pipeline on every process that the toolkit started (``torchrun`` across all hosts with the
@@ -137,10 +137,10 @@ def build_config(env: SageMakerEnv, args: Sequence[str]) -> PipelineConfig:
     """The ``ftpipe run`` configuration of this job: the ``config`` file, SageMaker's paths over it, the
     other hyperparameters (``args``) over both; ``num_nodes`` / ``gpus_per_node`` always from the
     environment (they must match the processes the toolkit started)."""
-    from ftpipe.cli.main import _stage_parser, namespace_values
+    from ftpipe.cli.main import namespace_values, stage_parser
     from ftpipe.config import validate_config
 
-    values = namespace_values(_stage_parser().parse_args(list(args)))
+    values = namespace_values(stage_parser().parse_args(list(args)))
     given = _given_fields(args)
     checkpoint_local = values["checkpoint_local_path"]
     derived: dict[str, Any] = {

@@ -3,7 +3,7 @@
 A SageMaker PyTorch inference container serves a ``model.tar.gz`` that holds the model files at its
 top level and the handler in ``code/``: it installs ``code/requirements.txt`` at start-up and loads
 ``code/inference.py`` (``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn``). The handler is the
-self-contained module ``ftpipe/sagemaker/inference.py`` (no ftpipe imports), copied as it is.
+self-contained module ``ftpipe/model/serving_handler.py`` (no ftpipe imports), copied as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ log = get_logger(__name__)
 
 CODE_DIR = "code"
 HANDLER_FILE = "inference.py"
+#: The handler's source in the package (``ftpipe.model``: the serving rules live beside the model).
+HANDLER_SOURCE = "serving_handler.py"
 REQUIREMENTS_FILE = "requirements.txt"
 # what the serving container installs over its own torch: the same ranges as pyproject.toml's
 # dependencies (tests/sagemaker/test_inference_handler.py checks that they agree)
@@ -29,8 +31,8 @@ class HandlerError(FtpipeError, RuntimeError):
 
 
 def handler_source() -> str:
-    """The text of the serving handler (``ftpipe/sagemaker/inference.py``, shipped in the package)."""
-    return resources.files("ftpipe.sagemaker").joinpath(HANDLER_FILE).read_text(encoding="utf-8")
+    """The text of the serving handler (``ftpipe/model/serving_handler.py``, shipped in the package)."""
+    return resources.files("ftpipe.model").joinpath(HANDLER_SOURCE).read_text(encoding="utf-8")
 
 
 def write_inference_code(model_dir: str | Path) -> Path:

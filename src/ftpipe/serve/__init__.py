@@ -1,1 +1,1 @@
-"""Talking to a fine-tuned model: ``ftpipe chat`` (the SageMaker serving handler is ``ftpipe.sagemaker.inference``)."""
+"""Talking to a fine-tuned model: ``ftpipe chat`` (the SageMaker serving handler is ``ftpipe.model.serving_handler``)."""

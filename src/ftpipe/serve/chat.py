@@ -83,7 +83,7 @@ class _Transformers:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from ftpipe.evaluate.generate import device_and_dtype
+        from ftpipe.model.serving_handler import device_and_dtype
 
         self.device, dtype = device_and_dtype()
         self.model = AutoModelForCausalLM.from_pretrained(

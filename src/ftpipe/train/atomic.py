@@ -12,8 +12,8 @@ Replacing the best checkpoint (keep-top-k) deletes the old one only after the ne
 On a cluster without a shared file system (SageMaker multi-node), each node holds the shards of its
 own ranks: rank 0 publishes first, then the first rank of every other node publishes its local copy.
 
-Fault injection for tests: ``FTPIPE_FAULT_AT=checkpoint_written:<step>`` kills every rank with SIGKILL
-after the checkpoint of that global step is written but before it is published.
+Fault injection for tests: ``kill_at_checkpoint_step`` (the ``debug`` section) kills every rank with
+SIGKILL after the checkpoint of that global step is written but before it is published.
 
 Before the first step, ``CheckpointRoom`` checks that the checkpoint folder is writable and has room
 for two checkpoints (estimated from the trainable parameters and the AdamW state).
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +32,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ftpipe.errors import FtpipeError
+from ftpipe.train.faults import NO_FAULTS, Faults
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
-FAULT_ENV = "FTPIPE_FAULT_AT"
 
 
 def _remove(path: Path) -> None:
@@ -69,14 +68,9 @@ def remove_leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in leftovers)
 
 
-def fault_point(name: str, step: int) -> None:
-    """Test hook: SIGKILL this process when ``FTPIPE_FAULT_AT`` is ``<name>:<step>``."""
-    if os.environ.get(FAULT_ENV) == f"{name}:{step}":
-        log.warning("fault injection %s at step %d: killing this process", name, step)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def save_atomically(trainer: pl.Trainer, filepath: str, weights_only: bool) -> None:
+def save_atomically(
+    trainer: pl.Trainer, filepath: str, weights_only: bool, faults: Faults = NO_FAULTS
+) -> None:
     """``trainer.save_checkpoint`` to ``filepath`` through ``<filepath>.tmp`` and an atomic swap."""
     final = Path(filepath)
     tmp = final.with_name(final.name + TMP_SUFFIX)
@@ -86,7 +80,7 @@ def save_atomically(trainer: pl.Trainer, filepath: str, weights_only: bool) -> N
     strategy.barrier("ftpipe_checkpoint_begin")
     trainer.save_checkpoint(str(tmp), weights_only)
     strategy.barrier("ftpipe_checkpoint_written")
-    fault_point("checkpoint_written", trainer.global_step)
+    faults.checkpoint_written(trainer.global_step)
     if trainer.is_global_zero:
         _swap(tmp, final)
     strategy.barrier("ftpipe_checkpoint_published")

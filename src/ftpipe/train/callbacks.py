@@ -21,15 +21,17 @@ import resource
 import time
 from pathlib import Path
 from typing import Any
-from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from ftpipe.compat import AtomicModelCheckpoint
 from ftpipe.train.atomic import remove_leftovers, save_atomically
+from ftpipe.train.faults import NO_FAULTS, Faults
+from ftpipe.train.step import OptimizerStep
 from ftpipe.utils.logging import get_logger
+from ftpipe.utils.world import all_reduce
 
 log = get_logger(__name__)
 
@@ -46,8 +48,6 @@ CUDA_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 #: Totals of a run (``StepMetrics.summary``), written by rank 0 beside ``metrics.jsonl``.
 SUMMARY_FILENAME = "train_summary.json"
-#: Environment variable naming a folder where each rank writes ``shards_rank<R>.json`` (diagnostics).
-SHARD_REPORT_ENV = "FTPIPE_SHARD_REPORT"
 
 
 def measure_cpu_matmul_tflops(n: int = 2048, reps: int = 4) -> float:
@@ -81,12 +81,6 @@ def peak_memory_bytes(device: torch.device) -> int:
 def step_flops(total_params: int, trainable_params: int, tokens: int) -> float:
     """Model FLOPs of a step: ``(4 * N_total + 2 * N_trainable) * tokens`` (see the module doc)."""
     return float(4 * total_params + 2 * trainable_params) * tokens
-
-
-def _reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
-    return t
 
 
 def keep_history(path: Path, step: int) -> None:
@@ -124,9 +118,16 @@ class StepMetrics(Callback):
         metrics_path: the ``metrics.jsonl`` to (re)write; None writes no file.
         peak_tflops_per_device: configured peak; None measures or looks it up (see module doc).
         precision: Lightning precision (selects the GPU peak table).
+        steps: the module's optimizer-step accounting (its boundaries and statistics).
     """
 
-    def __init__(self, metrics_path: Path | None, peak_tflops_per_device: float | None, precision: str):
+    def __init__(
+        self,
+        metrics_path: Path | None,
+        peak_tflops_per_device: float | None,
+        precision: str,
+        steps: OptimizerStep,
+    ):
         super().__init__()
         self.metrics_path = Path(metrics_path) if metrics_path is not None else None
         self.configured_peak = peak_tflops_per_device
@@ -136,7 +137,7 @@ class StepMetrics(Callback):
         self._busy = 0.0
         self._t0: float | None = None
         self._steps: list[dict[str, Any]] = []
-        self._recorded_step = 0
+        self.steps = steps
 
     # -------------------------------------------------------------- set-up
 
@@ -154,7 +155,7 @@ class StepMetrics(Callback):
         if peak is None:
             log.info("MFU: no peak known for this device and precision; set peak_tflops_per_device")
         else:
-            total = _reduce(torch.tensor([peak], dtype=torch.float64, device=device), dist.ReduceOp.SUM)
+            total = all_reduce(torch.tensor([peak], dtype=torch.float64, device=device), "sum")
             self.peak_tflops_total = float(total)
             log.info(
                 "MFU peak: %.3f TFLOP/s per device (%s), %.3f in total over %d rank(s)",
@@ -188,15 +189,12 @@ class StepMetrics(Callback):
         if self._t0 is not None:
             self._busy += time.perf_counter() - self._t0
             self._t0 = None
-        stats = getattr(pl_module, "last_step", None)
-        if stats is None or stats.step != trainer.global_step or stats.step == self._recorded_step:
+        stats = self.steps.just_completed()
+        if stats is None:
             return  # still accumulating
-        self._recorded_step = stats.step
         step_time, self._busy = self._busy, 0.0
         device = trainer.strategy.root_device
-        mem = _reduce(
-            torch.tensor([peak_memory_bytes(device)], dtype=torch.float64, device=device), dist.ReduceOp.MAX
-        )
+        mem = all_reduce(torch.tensor([peak_memory_bytes(device)], dtype=torch.float64, device=device), "max")
         flops = step_flops(pl_module.total_params, pl_module.trainable_params, stats.tokens)
         record: dict[str, Any] = {
             "step": stats.step,
@@ -271,23 +269,19 @@ class StepMetrics(Callback):
         )
 
 
-class BestAndLastCheckpoint(ModelCheckpoint):
+class BestAndLastCheckpoint(AtomicModelCheckpoint):
     """ModelCheckpoint that also saves ``last`` at the final optimizer step (not only at the last
     validation that improved), and publishes every checkpoint atomically (``ftpipe.train.atomic``)."""
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        # ModelCheckpoint's own save (lightning 2.6), with the write made atomic.
-        save_atomically(trainer, filepath, self.save_weights_only)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
+    def __init__(self, *args: Any, faults: Faults = NO_FAULTS, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.faults = faults
+
+    def write_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        save_atomically(trainer, filepath, self.save_weights_only, self.faults)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # ``_last_global_step_saved`` / ``_save_last_checkpoint`` are ModelCheckpoint internals (lightning 2.6).
-        if self.save_last and trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.save_last_if_unsaved(trainer)
         super().on_train_end(trainer, pl_module)
 
 
@@ -333,7 +327,7 @@ class ShardReport(Callback):
     local (shard) and global element counts of its trainable and frozen parameters and the sum of
     absolute values of its local shards (a fingerprint that shows which weights changed).
 
-    Enabled by the ``FTPIPE_SHARD_REPORT`` environment variable (see :func:`shard_report_from_env`).
+    Enabled by ``shard_report_dir`` (the ``debug`` section).
     """
 
     def __init__(self, folder: Path):
@@ -380,9 +374,3 @@ class ShardReport(Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"shards_rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.report, indent=1), encoding="utf-8")
-
-
-def shard_report_from_env() -> ShardReport | None:
-    """A ShardReport writing into ``$FTPIPE_SHARD_REPORT`` when that variable is set."""
-    folder = os.environ.get(SHARD_REPORT_ENV)
-    return ShardReport(Path(folder)) if folder else None

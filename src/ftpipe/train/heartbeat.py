@@ -8,22 +8,26 @@ timeout marks itself in the store (``ftpipe/timed_out/<rank>``) and waits briefl
 ranks that never mark themselves are the ones that stopped responding, and the message names them with
 their last step.
 
-Test hook: ``FTPIPE_HANG_AT=<rank>:<step>`` makes that rank stop responding (sleep) at that step.
+Fault injection for tests: ``hang_rank`` / ``hang_at_step`` (the ``debug`` section) make that rank stop
+responding (sleep) at that step.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from ftpipe.compat import default_store
 from ftpipe.errors import FtpipeError
+from ftpipe.train.faults import NO_FAULTS, Faults
+from ftpipe.train.step import OptimizerStep
 from ftpipe.utils.logging import get_logger
+from ftpipe.utils.world import distributed
+from ftpipe.utils.world import world as this_world
 
 log = get_logger(__name__)
 
@@ -31,7 +35,6 @@ KEY = "ftpipe/heartbeat/{rank}"
 TIMED_OUT_KEY = "ftpipe/timed_out/{rank}"
 #: How long a rank that saw a timeout waits for the others to report theirs.
 MARK_WAIT_S = 10.0
-HANG_ENV = "FTPIPE_HANG_AT"
 
 
 class CollectiveTimeoutError(FtpipeError):
@@ -39,30 +42,22 @@ class CollectiveTimeoutError(FtpipeError):
 
 
 def _store() -> Any | None:
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except (RuntimeError, ValueError):  # pragma: no cover - a group without a store
-        return None
+    return default_store() if distributed() else None
 
 
 class Heartbeat(Callback):
     """Records this rank's step in the store once per optimizer step (at its first batch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps: OptimizerStep, faults: Faults = NO_FAULTS) -> None:
         super().__init__()
-        self._recorded_step = -1
+        self.steps = steps
+        self.faults = faults
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         store = _store()
-        if store is not None and trainer.global_step != self._recorded_step:  # once per optimizer step
+        if store is not None and self.steps.starts_step():  # once per optimizer step, at its first batch
             store.set(KEY.format(rank=trainer.global_rank), f"{trainer.global_step} {time.time():.0f}")
-            self._recorded_step = trainer.global_step
-        hang = os.environ.get(HANG_ENV, "")
-        if hang == f"{trainer.global_rank}:{trainer.global_step + 1}":
-            log.warning("test hook %s: rank %d stops responding", HANG_ENV, trainer.global_rank)
-            time.sleep(3600)
+        self.faults.maybe_hang(trainer.global_rank, trainer.global_step + 1)
 
 
 def _read(store: Any, key: str) -> str | None:
@@ -115,8 +110,7 @@ def is_timeout(err: BaseException) -> bool:
 
 def timeout_error(err: BaseException, timeout_s: float) -> CollectiveTimeoutError:
     """The user's message for a collective timeout: which ranks stopped responding, and what to do."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank, world = this_world()
     silent = unresponsive_ranks(rank, world)
     beats = heartbeats(world)
     now = time.time()

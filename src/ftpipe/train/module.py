@@ -1,17 +1,12 @@
 """The LightningModule of supervised fine-tuning: token-mean loss per optimizer step, AdamW, clipping.
 
-Loss normalisation. The loss of an optimizer step is the mean over *all* label tokens of the step,
-across its micro-batches and all ranks, so ``micro 4 x accumulation 1``, ``micro 1 x accumulation
-4`` and ``2 ranks x micro 2`` give the same loss and the same gradients. Each micro-batch returns
-the SUM of its token losses (the model's own loss with ``num_items_in_batch=1``, i.e. reduction
-"sum"). Lightning divides the returned loss by ``accumulate_grad_batches`` (A) and DDP/FSDP average
-the gradients over the W data-parallel ranks, so after the last backward of a step the gradient is
-``d(sum over ranks and micro-batches)/ (A * W)``. ``on_before_optimizer_step`` (which Lightning
-calls after the closure and before ``configure_gradient_clipping``) all-reduces the step's label-token
-count N and multiplies the gradients by ``A * W / N``: the gradient becomes ``d(sum)/N``, the
-gradient of the token-mean loss. The logged ``train_loss`` is ``all-reduced sum / N``. A shorter
-accumulation window at the end of an epoch is handled too (N counts what was seen, A is what
-Lightning divided by).
+Loss normalisation. Each micro-batch returns the SUM of its token losses (the model's own loss with
+``num_items_in_batch=1``, i.e. reduction "sum"); the step's accounting (one all-reduce of the
+label-token count N, the gradients rescaled to those of the token-mean loss, the logged
+``train_loss`` = all-reduced sum / N, the gradient norm, the skip decision and the step boundary) is
+``ftpipe.train.step.OptimizerStep``'s. The module calls it from ``training_step``,
+``on_before_optimizer_step`` (which Lightning calls after the closure and before
+``configure_gradient_clipping``) and ``configure_gradient_clipping``.
 
 Checkpoints of LoRA runs hold only the trainable weights (and their optimizer state), not the frozen
 base model. The module's ``state_dict`` leaves out frozen parameters when called as the root module:
@@ -37,29 +32,25 @@ non-finite value is skipped: its gradients are set to None, so the optimizer's s
 the weights nor its moments (AdamW skips parameters without a gradient). The skipped step still
 counts in ``global_step`` and advances the learning-rate schedule. It is logged as a warning and in
 the step metrics (``StepStats.skipped`` / ``nonfinite_steps``); ``max_nonfinite_steps`` skipped steps
-in a row raise :class:`NonFiniteError` on every rank at the same step. Under ``16-mixed`` the gradient
+in a row raise :class:`ftpipe.train.step.NonFiniteError` on every rank at the same step. Under ``16-mixed`` the gradient
 scaler skips overflowing steps itself (normal while it calibrates the scale): only the loss is checked
-there. Test hook: ``FTPIPE_INJECT_NAN_STEPS="3"`` or ``"3,4,5"`` (global steps, 1-based) multiplies
-the loss of those steps by NaN on rank 0 (read once when the module is built).
+there. Fault injection for tests: ``inject_nan_steps`` (the ``debug`` section, global steps, 1-based)
+multiplies the loss of those steps by NaN on rank 0.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.errors import DataError
 from ftpipe.data.tokenize import IGNORE_INDEX
-from ftpipe.errors import FtpipeError
+from ftpipe.train.faults import NO_FAULTS, Faults
 from ftpipe.train.loss import ChunkedLossHead, check_model_numerics, shifted_token_loss_sum
 from ftpipe.train.optim import (
     build_optimizer,
@@ -68,137 +59,14 @@ from ftpipe.train.optim import (
     no_decay_names,
     param_groups,
 )
+from ftpipe.train.step import OptimizerStep, total_grad_norm_and_clip
 from ftpipe.utils.logging import get_logger
+from ftpipe.utils.world import all_reduce
 
 log = get_logger(__name__)
 
 #: Key of ftpipe's own metadata in a checkpoint.
 CHECKPOINT_META_KEY = "ftpipe"
-#: Test hook: comma-separated global steps (1-based) whose loss rank 0 multiplies by NaN.
-INJECT_NAN_ENV = "FTPIPE_INJECT_NAN_STEPS"
-
-
-class NonFiniteError(FtpipeError):
-    """``max_nonfinite_steps`` optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
-@dataclass
-class StepStats:
-    """Totals of one optimizer step over its micro-batches and all ranks.
-
-    Attributes:
-        step: optimizer step number (1-based).
-        loss: token-mean training loss.
-        label_tokens: tokens that count in the loss (labels != -100).
-        tokens: real (non-padding) input tokens.
-        padded_tokens: input positions including padding.
-        grad_norm: global gradient norm before clipping (None until clipping ran).
-        lr: learning rate of the step.
-        skipped: the loss or gradient norm was not finite; the optimizer update was skipped.
-        nonfinite_steps: skipped steps of the run so far, this one included.
-    """
-
-    step: int
-    loss: float
-    label_tokens: int
-    tokens: int
-    padded_tokens: int
-    grad_norm: float | None = None
-    lr: float | None = None
-    skipped: bool = False
-    nonfinite_steps: int = 0
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def total_grad_norm_and_clip(
-    root: torch.nn.Module | None, params: list[torch.nn.Parameter], max_norm: float | None
-) -> torch.Tensor:
-    """Global L2 norm of the gradients of ``params`` over all shards (returned before clipping), and
-    clipping to ``max_norm`` when it is set.
-
-    FSDP1: ``FullyShardedDataParallel.clip_grad_norm_`` of the root (it all-reduces the shard norms).
-    FSDP2: the gradients are DTensors; their norm is a partial DTensor, made full by an all-reduce.
-    DDP and single device: the gradients are already complete on every rank.
-    """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    if isinstance(root, FSDP):
-        return root.clip_grad_norm_(max_norm if max_norm else float("inf")).detach().float()
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if hasattr(total, "full_tensor"):  # DTensor
-        total = total.full_tensor()
-    if max_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total.detach().float()
-
-
-@dataclass
-class NonFiniteGuard:
-    """Counts optimizer steps with a non-finite loss or gradient norm and stops after too many in a row.
-
-    Attributes:
-        max_in_a_row: this many non-finite steps in a row raise :class:`NonFiniteError`.
-        total: non-finite steps so far.
-        in_a_row: ``(step, loss, grad_norm)`` of the current run of non-finite steps.
-    """
-
-    max_in_a_row: int
-    total: int = 0
-    in_a_row: list[tuple[int, float, float | None]] = field(default_factory=list)
-
-    def check(self, step: int, loss: float, grad_norm: float | None) -> bool:
-        """True when ``step`` must be skipped (``grad_norm`` None: not checked); a finite step resets the
-        run. Raises NonFiniteError at the ``max_in_a_row``-th non-finite step in a row."""
-        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
-            self.in_a_row.clear()
-            return False
-        self.total += 1
-        self.in_a_row.append((step, loss, grad_norm))
-        if len(self.in_a_row) >= self.max_in_a_row:
-            raise NonFiniteError(self.message())
-        return True
-
-    def message(self) -> str:
-        """What went wrong at which steps, and what to do."""
-        values = "; ".join(
-            f"step {s}: loss {loss}, grad_norm {'n/a' if norm is None else norm}"
-            for s, loss, norm in self.in_a_row
-        )
-        return (
-            f"training stopped at step {self.in_a_row[-1][0]}: {len(self.in_a_row)} optimizer steps in a row "
-            f"had a non-finite loss or gradient norm (max_nonfinite_steps {self.max_in_a_row}; {values}); "
-            "their updates were skipped. Lower learning_rate (or raise warmup_steps), set gradient_clip_val, "
-            "check the data for broken or extreme rows, and prefer bf16-mixed or 32-true precision over "
-            "16-mixed; raise max_nonfinite_steps to tolerate longer runs of such steps."
-        )
-
-    def state(self) -> dict[str, Any]:
-        return {"total": self.total, "in_a_row": [list(x) for x in self.in_a_row]}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.total = int(state.get("total", 0))
-        self.in_a_row = [
-            (int(s), float(loss), None if n is None else float(n)) for s, loss, n in state.get("in_a_row", [])
-        ]
-
-
-def inject_nan_steps_from_env() -> frozenset[int]:
-    """The global steps of ``FTPIPE_INJECT_NAN_STEPS`` (test hook; empty when unset)."""
-    raw = os.environ.get(INJECT_NAN_ENV, "").strip()
-    try:
-        return frozenset(int(x) for x in raw.split(",") if x.strip())
-    except ValueError:
-        raise FtpipeError(
-            f"{INJECT_NAN_ENV}: {raw!r} is not a comma-separated list of step numbers"
-        ) from None
 
 
 class _ExpectedMissingFilter(logging.Filter):
@@ -215,13 +83,16 @@ class _ExpectedMissingFilter(logging.Filter):
 
 
 class SFTModule(pl.LightningModule):
-    """Causal-LM supervised fine-tuning of the model that ``ftpipe.model.load.create_model`` builds.
+    """Causal-LM supervised fine-tuning of the model that ``ftpipe.distributed.build.create_model`` builds.
 
     Args:
         cfg: the pipeline configuration (model, LoRA, training and distribution sections are used).
+        faults: the faults to inject (tests of the failure handling; none by default).
+        steps: the optimizer-step accounting, shared with the callbacks that act on step boundaries
+            (a new one when not given).
     """
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, faults: Faults = NO_FAULTS, steps: OptimizerStep | None = None):
         super().__init__()
         self.cfg = cfg
         self.model: torch.nn.Module | None = None
@@ -232,23 +103,16 @@ class SFTModule(pl.LightningModule):
         self.trainable_params = 0
         self._no_decay: set[str] = set()
         self._trainable_names: set[str] = set()
-        # loss sum, label tokens, real tokens, padded positions of the current optimizer step (this rank)
-        self._step_acc = torch.zeros(4, dtype=torch.float64)
+        self.steps = steps if steps is not None else OptimizerStep(cfg.train.max_nonfinite_steps)
+        # loss sum, label tokens, real tokens, padded positions of the validation (this rank)
         self._val_acc = torch.zeros(4, dtype=torch.float64)
         self._model_sums_loss: bool | None = None  # does the model honour num_items_in_batch?
         self._loss_head: ChunkedLossHead | None = None
         self._numerics_checked = False
-        self.last_step: StepStats | None = None
-        self._logged_step = 0
         self.last_val_loss: float | None = None
-        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
-        self._inject_nan_steps = inject_nan_steps_from_env()
-        if self._inject_nan_steps:
-            log.warning(
-                "test hook %s: NaN loss on rank 0 at step(s) %s",
-                INJECT_NAN_ENV,
-                sorted(self._inject_nan_steps),
-            )
+        self.faults = faults
+        if faults.nan_steps:
+            log.warning("fault injection: NaN loss on rank 0 at step(s) %s", sorted(faults.nan_steps))
 
     # ------------------------------------------------------------------ model
 
@@ -256,7 +120,7 @@ class SFTModule(pl.LightningModule):
         """Build the model once (under FSDP2 sharded over Lightning's device mesh)."""
         if self.model is not None:
             return
-        from ftpipe.model.load import create_model
+        from ftpipe.distributed.build import create_model
         from ftpipe.model.stats import parameter_stats
 
         # The same seed right before building gives the same adapter initialisation whatever the
@@ -363,34 +227,20 @@ class SFTModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum = self._token_loss_sum(batch)
-        if (
-            self._inject_nan_steps
-            and self.global_rank == 0
-            and self.trainer.global_step + 1 in self._inject_nan_steps
-        ):
+        if self.global_rank == 0 and self.faults.poisons(self.trainer.global_step + 1):
             loss_sum = loss_sum * float("nan")
-        self._step_acc = self._step_acc.to(loss_sum.device) + self._counts(batch, loss_sum)
+        self.steps.add(self._counts(batch, loss_sum))
         return loss_sum
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Turn the accumulated gradient of summed losses into the gradient of the step's token mean."""
-        totals = _all_reduce_sum(self._step_acc.to(self.device))
-        loss_sum, n_label, tokens, padded = (float(x) for x in totals.cpu())
-        self._step_acc = torch.zeros_like(self._step_acc)
         trainer = self.trainer
-        scale = trainer.accumulate_grad_batches * trainer.world_size / max(n_label, 1.0)
-        with torch.no_grad():
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-        self.last_step = StepStats(
+        self.steps.rescale(
+            optimizer,
             step=trainer.global_step + 1,
-            loss=loss_sum / n_label if n_label else float("nan"),
-            label_tokens=int(n_label),
-            tokens=int(tokens),
-            padded_tokens=int(padded),
-            lr=float(optimizer.param_groups[0]["lr"]),
+            accumulate=trainer.accumulate_grad_batches,
+            world_size=trainer.world_size,
+            device=self.device,
         )
 
     def configure_gradient_clipping(
@@ -406,16 +256,12 @@ class SFTModule(pl.LightningModule):
         params = [p for g in optimizer.param_groups for p in g["params"]]
         root = self.trainer.strategy.model if self._trainer is not None else None
         norm = float(total_grad_norm_and_clip(root, params, gradient_clip_val))
-        stats = self.last_step
+        stats = self.steps.last
         if stats is None:
             return
-        stats.grad_norm = norm
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         # the same values on every rank: every rank skips (or raises) at the same step
-        loss = stats.loss if stats.label_tokens else 0.0  # a step without label tokens has no loss to check
-        stats.skipped = self.nonfinite.check(stats.step, loss, None if scaler is not None else norm)
-        stats.nonfinite_steps = self.nonfinite.total
-        if stats.skipped:
+        if self.steps.check(norm, check_norm=scaler is None):
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
             if self.global_rank == 0:
                 log.warning(
@@ -424,16 +270,15 @@ class SFTModule(pl.LightningModule):
                     stats.step,
                     stats.loss,
                     norm,
-                    len(self.nonfinite.in_a_row),
-                    self.nonfinite.total,
-                    self.nonfinite.max_in_a_row,
+                    len(self.steps.nonfinite.in_a_row),
+                    self.steps.nonfinite.total,
+                    self.steps.nonfinite.max_in_a_row,
                 )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        stats = self.last_step
-        if stats is None or stats.step != self.trainer.global_step or stats.step == self._logged_step:
+        stats = self.steps.just_completed()
+        if stats is None:
             return  # still accumulating
-        self._logged_step = stats.step
         metrics = {"train_loss": stats.loss, "lr": stats.lr or 0.0}
         if stats.grad_norm is not None:
             metrics["grad_norm"] = stats.grad_norm
@@ -450,7 +295,7 @@ class SFTModule(pl.LightningModule):
         self._val_acc = self._val_acc.to(loss_sum.device) + self._counts(batch, loss_sum)
 
     def on_validation_epoch_end(self) -> None:
-        totals = _all_reduce_sum(self._val_acc.to(self.device)).cpu()
+        totals = all_reduce(self._val_acc.to(self.device)).cpu()
         loss_sum, n_label = float(totals[0]), float(totals[1])
         if n_label == 0:
             raise DataError(
@@ -493,30 +338,35 @@ class SFTModule(pl.LightningModule):
             "state_dict_prefix": "model.",
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
-            "nonfinite": self.nonfinite.state(),
+            "nonfinite": self.steps.nonfinite.state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume the count of non-finite steps (and the current run of them) with the training state."""
         state = checkpoint.get(CHECKPOINT_META_KEY, {}).get("nonfinite")
         if state is not None:
-            self.nonfinite.load(state)
+            self.steps.nonfinite.load(state)
 
     def _drop_frozen(self, state: dict[str, Any]) -> dict[str, Any]:
         return type(state)((k, v) for k, v in state.items() if clean_param_name(k) in self._trainable_names)
 
-    def _fsdp1_state_dict_hook(self, module: torch.nn.Module, state: dict, prefix: str, *args: Any) -> dict:
-        # Runs after FSDP1's own post-state-dict hook on the root (registered later), so FSDP has
-        # seen every key before the frozen ones go.
-        return self._drop_frozen(state) if not prefix else state
+    def _drop_frozen_in_place(self, state: dict[str, Any]) -> None:
+        for key in [k for k in state if clean_param_name(k) not in self._trainable_names]:
+            del state[key]
 
     def _register_fsdp1_hook(self) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         root = self.trainer.strategy.model
-        if self.lora and isinstance(root, FSDP) and not getattr(root, "_ftpipe_hook", False):
-            root._register_state_dict_hook(self._fsdp1_state_dict_hook)
-            root._ftpipe_hook = True
+        if self.lora and isinstance(root, FSDP) and not getattr(root, "ftpipe_lora_filter", False):
+            # Runs after FSDP1's own post-state-dict hook on the root (registered earlier), so FSDP has
+            # seen every key before the frozen ones go; only the root's whole state (prefix "") is cut.
+            def drop_frozen(module: torch.nn.Module, state: dict, prefix: str, *args: Any) -> None:
+                if not prefix:
+                    self._drop_frozen_in_place(state)
+
+            root.register_state_dict_post_hook(drop_frozen)
+            root.ftpipe_lora_filter = True
             # Loading such a checkpoint, FSDP1 warns once per frozen parameter it does not find.
             logging.getLogger("torch.distributed.fsdp._state_dict_utils").addFilter(
                 _ExpectedMissingFilter(self._trainable_names)

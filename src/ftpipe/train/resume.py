@@ -22,6 +22,8 @@ from ftpipe.config.paths import checkpoints_dir, run_checkpoint_dirs
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
+from ftpipe.utils.world import distributed, world_size
+from ftpipe.utils.world import world as this_world
 
 log = get_logger(__name__)
 
@@ -56,7 +58,7 @@ def resolve_resume(cfg: PipelineConfig) -> str | None:
     A distributed checkpoint's index is vetted first (torch unpickles it without limits)."""
     found = _resolve(cfg)
     if found is not None and Path(found).is_dir():
-        from ftpipe.export.checkpoint import check_distributed_metadata
+        from ftpipe.model.checkpoint import check_distributed_metadata
 
         check_distributed_metadata(found)
     return found
@@ -130,8 +132,8 @@ class RngStates(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         state = rng_state()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            states: list[Any] = [None] * dist.get_world_size()
+        if distributed():
+            states: list[Any] = [None] * world_size()
             dist.all_gather_object(states, state)
         else:
             states = [state]
@@ -141,8 +143,7 @@ class RngStates(Callback):
         states = state_dict.get("per_rank") or []
         if not states:
             return
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank, world = this_world()
         if world != len(states) and rank == 0:
             log.warning(
                 "the checkpoint holds the random states of %d rank(s), this run has %d: dropout draws "

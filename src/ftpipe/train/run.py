@@ -25,8 +25,10 @@ from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.devices import leave_process_group
 from ftpipe.errors import StoppedResumable
 from ftpipe.model.load import check_4bit_support
+from ftpipe.train.faults import Faults
 from ftpipe.train.heartbeat import is_timeout, timeout_error
 from ftpipe.train.resume import resolve_resume
+from ftpipe.train.step import OptimizerStep
 from ftpipe.utils.logging import get_logger, global_rank
 
 log = get_logger(__name__)
@@ -68,7 +70,7 @@ class TrainResult:
 
 def set_cpu_threads(cfg: PipelineConfig) -> int:
     """On the CPU, share the cores among this machine's ranks: ``cpu_count // gpus_per_node`` threads."""
-    from ftpipe.distributed import accelerator_name
+    from ftpipe.runtime import accelerator_name
 
     if accelerator_name(cfg) != "cpu":
         return torch.get_num_threads()
@@ -128,9 +130,11 @@ def train(cfg: PipelineConfig) -> TrainResult:
         log.info("resolved configuration saved to %s (%d torch thread(s) per rank)", saved, threads)
 
     datamodule = SFTDataModule(cfg, tokenizer)
-    module = SFTModule(cfg)
+    faults = Faults.from_config(cfg.debug)
+    steps = OptimizerStep(cfg.train.max_nonfinite_steps)  # the module and the step callbacks share it
+    module = SFTModule(cfg, faults, steps)
     resume_from = resolve_resume(cfg)
-    parts = build_trainer(cfg, resume_from)
+    parts = build_trainer(cfg, resume_from, faults=faults, steps=steps)
     trainer = parts.trainer
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)

@@ -6,12 +6,12 @@ step boundary the ranks agree (one all-reduce: a signal seen by any rank stops e
 step), the Trainer stops, and the checkpoint callback saves the ``last`` checkpoint of that step at the
 end of training. ``train`` then reports the stop (``StoppedResumable`` on rank 0).
 
-Test hook: ``FTPIPE_STOP_AT_STEP=<N>`` stops after step N as if a signal had arrived then.
+Fault injection for tests: ``stop_at_step`` (the ``debug`` section) stops after that step as if a signal
+had arrived then.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from types import FrameType
@@ -19,31 +19,41 @@ from types import FrameType
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from ftpipe.train.faults import NO_FAULTS, Faults
+from ftpipe.train.step import OptimizerStep
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-STOP_AT_ENV = "FTPIPE_STOP_AT_STEP"
 
 
 class GracefulStop(Callback):
     """Stops training at the optimizer step after a SIGTERM / SIGINT, every rank at the same step.
+
+    Args:
+        steps: the module's optimizer-step accounting (the ranks agree at its step boundaries).
+        signals: the signals that stop training.
+        faults: ``stop_at_step`` of the ``debug`` section stops as if a signal had arrived.
 
     Attributes:
         signal_name: the signal this rank received (None when none).
         stopped_at_step: the global step at which training stopped because of a signal (any rank's).
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+    def __init__(
+        self,
+        steps: OptimizerStep,
+        signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+        faults: Faults = NO_FAULTS,
+    ) -> None:
         super().__init__()
         self.signals = signals
         self.signal_name: str | None = None
         self.stopped_at_step: int | None = None
         self._previous: dict[signal.Signals, object] = {}
-        self._checked_step = -1
-        stop_at = os.environ.get(STOP_AT_ENV, "")
-        self._stop_at = int(stop_at) if stop_at.isdigit() else None
+        self.steps = steps
+        self.faults = faults
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -55,11 +65,10 @@ class GracefulStop(Callback):
                 self._previous[sig] = signal.signal(sig, self._record)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        if trainer.global_step == self._checked_step:
+        if self.steps.just_completed() is None:
             return  # inside an accumulation window: not an optimizer step boundary
-        self._checked_step = trainer.global_step
-        if self._stop_at is not None and trainer.global_step >= self._stop_at:
-            self.signal_name = f"{STOP_AT_ENV}={self._stop_at}"
+        if self.faults.stops_after(trainer.global_step):
+            self.signal_name = f"stop_at_step={self.faults.stop_at_step}"
         if trainer.strategy.reduce_boolean_decision(self.signal_name is not None, all=False):
             self.stopped_at_step = trainer.global_step
             trainer.should_stop = True

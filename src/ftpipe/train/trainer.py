@@ -17,17 +17,20 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ftpipe.compat import check_lightning_release
 from ftpipe.config.paths import checkpoints_dir, results_root, run_version, tb_logs_dir
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.train.atomic import CheckpointRoom
 from ftpipe.train.callbacks import (
     BestAndLastCheckpoint,
     RunFolders,
+    ShardReport,
     StepMetrics,
-    shard_report_from_env,
 )
+from ftpipe.train.faults import NO_FAULTS, Faults
 from ftpipe.train.heartbeat import Heartbeat
 from ftpipe.train.resume import RngStates
+from ftpipe.train.step import OptimizerStep
 from ftpipe.train.stop import GracefulStop
 from ftpipe.train.tracking import Tracking, build_loggers, read_tracking
 from ftpipe.utils.logging import adopt_library_loggers, get_logger
@@ -111,10 +114,18 @@ def build_logger(cfg: PipelineConfig, resume_from: str | None = None) -> TensorB
 
 
 def build_callbacks(
-    cfg: PipelineConfig, precision: str, metrics_path: Path, version_source: TensorBoardLogger | None = None
+    cfg: PipelineConfig,
+    precision: str,
+    metrics_path: Path,
+    version_source: TensorBoardLogger | None = None,
+    faults: Faults = NO_FAULTS,
+    *,
+    steps: OptimizerStep,
 ) -> tuple[list[Callback], BestAndLastCheckpoint, StepMetrics, RunFolders]:
     """Checkpointing (best val_loss + last step), early stopping, step metrics, progress bar (the
-    module logs train_loss, lr and grad_norm itself), and the stop on SIGTERM / SIGINT."""
+    module logs train_loss, lr and grad_norm itself), and the stop on SIGTERM / SIGINT; ``faults`` go to
+    the callbacks that inject them, ``steps`` (the module's step accounting) to those that act on step
+    boundaries."""
     t = cfg.train
     fixed_dir = t.checkpoint_dir
     checkpoint = BestAndLastCheckpoint(
@@ -127,8 +138,9 @@ def build_callbacks(
         save_top_k=1,
         save_last=True,
         save_on_train_epoch_end=False,
+        faults=faults,
     )
-    metrics = StepMetrics(metrics_path, t.peak_tflops_per_device, precision)
+    metrics = StepMetrics(metrics_path, t.peak_tflops_per_device, precision, steps)
     folders = RunFolders(None if fixed_dir else checkpoints_dir(cfg), checkpoint, version_source)
     callbacks: list[Callback] = [
         folders,
@@ -149,25 +161,27 @@ def build_callbacks(
                 log_rank_zero_only=True,
             )
         )
-    report = shard_report_from_env()
-    if report is not None:
-        callbacks.append(report)
+    if faults.shard_report_dir is not None:
+        callbacks.append(ShardReport(faults.shard_report_dir))
     callbacks.append(EpochAlignmentCheck())
-    callbacks.append(GracefulStop())
-    callbacks.append(Heartbeat())
+    callbacks.append(GracefulStop(steps, faults=faults))
+    callbacks.append(Heartbeat(steps, faults))
     callbacks.append(RngStates())
     callbacks.append(CheckpointRoom(lambda: checkpoint.dirpath))
     callbacks.append(Tracking(cfg, lambda: checkpoint.dirpath, metrics_path))
     return callbacks, checkpoint, metrics, folders
 
 
-def build_trainer(cfg: PipelineConfig, resume_from: str | None = None) -> TrainerParts:
+def build_trainer(
+    cfg: PipelineConfig, resume_from: str | None = None, *, faults: Faults = NO_FAULTS, steps: OptimizerStep
+) -> TrainerParts:
     """The Trainer of ``cfg``: strategy and accelerator from ``ftpipe.distributed``, precision from the
     hardware, ``max_steps`` optimizer steps, validation every ``val_check_interval`` steps."""
-    from ftpipe.distributed import accelerator_name, build_strategy, discover_decoder_layer_classes
-    from ftpipe.model.load import select_precision
+    from ftpipe.distributed import build_strategy, discover_decoder_layer_classes
+    from ftpipe.runtime import accelerator_name, select_precision
 
     adopt_library_loggers()
+    check_lightning_release()
     t = cfg.train
     accelerator = accelerator_name(cfg)
     precision = select_precision(cfg)
@@ -180,7 +194,9 @@ def build_trainer(cfg: PipelineConfig, resume_from: str | None = None) -> Traine
     logger = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None) or build_logger(
         cfg, resume_from
     )
-    callbacks, checkpoint, metrics, folders = build_callbacks(cfg, precision, metrics_path, logger)
+    callbacks, checkpoint, metrics, folders = build_callbacks(
+        cfg, precision, metrics_path, logger, faults, steps=steps
+    )
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=t.gpus_per_node,

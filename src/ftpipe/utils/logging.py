@@ -12,13 +12,10 @@ _FORMAT = "%(asctime)s %(levelname)s [%(name)s%(rank_tag)s] %(message)s"
 
 def global_rank() -> int:
     """This process's global rank: from torch.distributed when initialised, else the launcher's env."""
-    try:
-        import torch.distributed as dist
+    from ftpipe.utils.world import in_group, rank
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if in_group():
+        return rank()
     for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])

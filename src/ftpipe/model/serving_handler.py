@@ -1,6 +1,7 @@
 """SageMaker PyTorch serving handler for an exported ftpipe model: chat text generation.
 
-This file is copied as ``code/inference.py`` next to the exported Hugging Face model (``config.json``,
+This file is copied as ``code/inference.py`` (by ``ftpipe.sagemaker.handler``) next to the exported
+Hugging Face model (``config.json``,
 safetensors, tokenizer with its chat template) and runs in a SageMaker PyTorch inference container,
 where ftpipe is not installed: it imports only the standard library, torch and transformers (and the
 serving toolkit's error class when it is there). ``code/requirements.txt`` pins transformers.
@@ -41,6 +42,11 @@ float32 on the CPU.
 
 Bad requests raise ``RequestError`` (a ValueError; in the serving container also the toolkit's
 ``BaseInferenceToolkitError`` with status 400, 406 or 415, so the client gets a 4xx and the message).
+
+Because it stands alone, this module is also the one home of the rules that serving shares with
+ftpipe's own generation (the evaluation's transformers backend and ``ftpipe chat``): the device and
+dtype a model is served in (:func:`device_and_dtype`) and the tokens that end an answer
+(:func:`eos_token_ids`).
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ class LoadedModel:
 # model_fn
 
 
-def _device_and_dtype() -> tuple[torch.device, torch.dtype]:
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
     """bfloat16 on GPUs that support it, float16 on other GPUs, float32 on the CPU."""
     if torch.cuda.is_available():
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -128,7 +134,7 @@ def model_fn(model_dir: str) -> LoadedModel:
             "model at its top level (config.json, *.safetensors, tokenizer files) and this code/ folder"
         )
     trust = _flag("FTPIPE_TRUST_REMOTE_CODE")
-    device, dtype = _device_and_dtype()
+    device, dtype = device_and_dtype()
     device_map = os.environ.get("FTPIPE_DEVICE_MAP") or None
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
     if tokenizer.pad_token is None:
@@ -322,7 +328,9 @@ def _render(
     return text, True
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: the generation config's EOS ids and the tokenizer's EOS (as vLLM
+    stops); empty when neither names one."""
     eos = model.generation_config.eos_token_id
     ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -367,7 +375,7 @@ def predict_fn(data: dict[str, Any], model: LoadedModel) -> list[dict[str, str]]
     # a rendered chat template already holds its special tokens (BOS, ...): add none twice
     batch = tokenizer(texts, add_special_tokens=not templated, padding=True, return_tensors="pt")
     batch = {k: v.to(model.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    eos_ids = _eos_ids(model.model, tokenizer)
+    eos_ids = eos_token_ids(model.model, tokenizer)
     kwargs = _generate_kwargs(params, eos_ids, tokenizer.pad_token_id)
     if "seed" in params:
         torch.manual_seed(params["seed"])

@@ -1,0 +1,28 @@
+"""``ftpipe estimate``: the expected per-GPU memory of a training run, printed before the run."""
+
+from __future__ import annotations
+
+from ftpipe.config.schema import PipelineConfig
+from ftpipe.estimate.memory import GIB, MemoryEstimate, plan
+from ftpipe.estimate.report import print_estimate
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def estimate(cfg: PipelineConfig) -> MemoryEstimate:
+    """Estimate the per-GPU memory of training ``cfg`` (``ftpipe.estimate.memory.plan``) and print it as a
+    table on stdout.
+
+    Reads only the model's configuration (a local folder holding config.json works offline); no weights
+    are loaded.
+    """
+    result = plan(cfg)
+    print_estimate(result)
+    log.info(
+        "estimate: %.2f GiB per %s%s",
+        result.total / GIB,
+        "GPU" if result.target.device == "cuda" else "process",
+        "" if result.fits is None else (" (fits)" if result.fits else " (does not fit)"),
+    )
+    return result

@@ -1,0 +1,104 @@
+"""The package's structure rules, checked on the source."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ftpipe"
+
+#: The ``FTPIPE_*`` environment variables that are user settings, and the one module that reads each.
+#: Fault injection is configuration (the ``debug`` section, ``ftpipe.train.faults``), never environment.
+USER_SETTINGS = {
+    "FTPIPE_CACHE": "model/embedded.py",  # where the embedded model is unpacked
+    # the serving container's settings (SageMaker configures an endpoint through its environment)
+    "FTPIPE_MAX_NEW_TOKENS_LIMIT": "model/serving_handler.py",
+    "FTPIPE_DEVICE_MAP": "model/serving_handler.py",
+    "FTPIPE_TRUST_REMOTE_CODE": "model/serving_handler.py",
+}
+
+
+def _sources() -> dict[str, str]:
+    return {str(p.relative_to(PACKAGE)): p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py")}
+
+
+@pytest.mark.timeout(30)
+def test_no_ftpipe_environment_variable_is_read_but_the_user_settings():
+    found = {
+        (name, path)
+        for path, text in _sources().items()
+        for name in re.findall(r"""["'](FTPIPE_[A-Z0-9_]+)["']""", text)  # names in code, not in prose
+    }
+    assert found, "the scan found nothing: is the package where this test looks?"
+    unexpected = sorted((name, path) for name, path in found if USER_SETTINGS.get(name) != path)
+    assert unexpected == [], "read fault and debug switches from the `debug` section (ftpipe.train.faults)"
+
+
+def _package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+@pytest.mark.timeout(30)
+def test_no_module_imports_a_private_name_of_another_package():
+    import ast
+
+    offenders = []
+    for path, text in _sources().items():
+        module = "ftpipe." + path.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ftpipe"):
+                for alias in node.names:
+                    private = alias.name.startswith("_") and not alias.name.startswith("__")
+                    if private and _package_of(node.module) != _package_of(module):
+                        offenders.append(f"{module}: from {node.module} import {alias.name}")
+    assert offenders == [], "make the name public in its package, or move it to where both use it"
+
+
+#: Private names of other libraries that ftpipe uses outside ftpipe/compat.py, each with its reason.
+OTHER_PRIVATE = {
+    "_attn_implementation": "transformers: the attention kernel a model config carries",
+    "_create_training_job_args": "SageMaker SDK: the request a dry run prints (sagemaker/sdk.py)",
+    "_latest_training_job": "SageMaker SDK: the submitted job (sagemaker/sdk.py)",
+}
+#: Lightning internals that subclasses reach through ``self``: only ftpipe/compat.py may name them.
+LIGHTNING_INTERNALS = {
+    "_save_checkpoint",
+    "_last_global_step_saved",
+    "_last_checkpoint_saved",
+    "_save_last_checkpoint",
+    "_monitor_candidates",
+    "_setup_model",
+    "_activation_checkpointing_kwargs",
+}
+
+
+@pytest.mark.timeout(30)
+def test_lightning_and_torch_internals_are_named_in_the_compat_module_only():
+    import ast
+
+    offenders = []
+    for path, text in _sources().items():
+        if path == "compat.py":
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and not (node.module or "ftpipe").startswith("ftpipe"):
+                offenders += [
+                    f"{path}:{node.lineno}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+            if (
+                not isinstance(node, ast.Attribute)
+                or not node.attr.startswith("_")
+                or node.attr.startswith("__")
+            ):
+                continue
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if node.attr in LIGHTNING_INTERNALS or not (
+                on_self or node.attr in OTHER_PRIVATE or node.attr.startswith("_ftpipe")
+            ):
+                offenders.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    assert offenders == [], "use the public API, or put the internal into ftpipe/compat.py"
