@@ -143,8 +143,8 @@ def count_params(model: Any) -> tuple[int, int]:
 
 
 def sft_config(spec: dict[str, Any], world: int):
-    """The SFTConfig of ``spec``: fp32 on the CPU, AdamW, cosine to ``min_lr`` after a linear warm-up,
-    no evaluation, no saving, a loss record every step."""
+    """The SFTConfig of ``spec``: fp32 on the CPU (``device: cuda`` and ``bf16: true`` for a GPU), AdamW,
+    cosine to ``min_lr`` after a linear warm-up, no evaluation, no saving, a loss record every step."""
     from trl import SFTConfig
 
     return SFTConfig(
@@ -162,9 +162,9 @@ def sft_config(spec: dict[str, Any], world: int):
         weight_decay=spec["weight_decay"],
         max_grad_norm=spec["max_grad_norm"],
         seed=spec["seed"],
-        bf16=False,
+        bf16=bool(spec.get("bf16", False)),
         fp16=False,
-        use_cpu=True,
+        use_cpu=spec.get("device", "cpu") == "cpu",
         gradient_checkpointing=spec["gradient_checkpointing"],
         max_length=spec["max_length"],
         packing=spec["packing"],
@@ -175,7 +175,7 @@ def sft_config(spec: dict[str, Any], world: int):
         eval_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        ddp_backend="gloo" if world > 1 else None,
+        ddp_backend=("gloo" if spec.get("device", "cpu") == "cpu" else "nccl") if world > 1 else None,
         ddp_find_unused_parameters=False if world > 1 else None,
     )
 
@@ -240,6 +240,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "setup_s": setup_s,
         "peak_vmhwm_gib": memory["vmhwm"] / GIB,
         "peak_ru_maxrss_gib": memory["ru_maxrss"] / GIB,
+        "peak_cuda_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None,
     }
     out = Path(spec["out_dir"]) / f"rank{rank}.json"
     out.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
