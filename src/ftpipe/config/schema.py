@@ -178,7 +178,8 @@ class DataConfig:
         max_samples: keep a seeded random subset of this many usable rows (all when unset).
         on_bad_row: ``skip`` drops bad rows and reports counts per reason; ``fail`` stops at the
             first one with file, row and reason.
-        prepare_timeout_s: how long non-zero ranks wait for rank 0 to finish preparing.
+        prepare_timeout_s: how long non-zero ranks wait for rank 0 to finish preparing, and the other
+            processes of a node for its first process to tokenize (they poll files: no collective waits).
         max_seq_length: maximum tokens per sample (prompt truncated from the left first).
         pad_to_multiple_of: pad batches to a multiple of this (8 suits tensor cores).
         packing: pack several samples into each row of up to max_seq_length tokens (best-fit

@@ -33,6 +33,7 @@ from ftpipe.data.errors import DataError
 from ftpipe.data.packing import LengthGroupedBatchSampler, PackedDataset
 from ftpipe.data.tokenize import IGNORE_INDEX, check_chat_template_early
 from ftpipe.utils.logging import get_logger
+from ftpipe.utils.world import distributed, local_rank
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -86,11 +87,18 @@ class SFTDataModule(pl.LightningDataModule):
 
             self.prepared = prepare_data(self.cfg)
         needed = STAGE_SPLITS.get(stage, tuple(SPLITS)) if stage else tuple(SPLITS)
+        # With several processes the first of each node tokenizes; the others read its cache.
+        role = "alone" if not distributed() else ("leader" if local_rank() == 0 else "follower")
         for split in needed:
             if split not in self.datasets:
                 path = getattr(self.prepared, SPLITS[split])
                 self.datasets[split] = SFTDataset(
-                    path, self.tokenizer, self.cfg.data, name=f"{split} ({path})"
+                    path,
+                    self.tokenizer,
+                    self.cfg.data,
+                    name=f"{split} ({path})",
+                    role=role,
+                    wait_s=self.cfg.data.prepare_timeout_s,
                 )
 
     def _dataset(self, split: str) -> SFTDataset:

@@ -12,12 +12,14 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch.utils.data import Dataset
 
 from ftpipe.config.schema import DataConfig
+from ftpipe.data import chat as chat_module
 from ftpipe.data import render as render_module
 from ftpipe.data import tokenize as tokenize_module
 from ftpipe.data.chat import uses_tools
@@ -170,8 +172,122 @@ def _empty() -> datasets.Dataset:
     return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
 
 
+#: Rows per tokenizing process: below twice this a split is tokenized in one process.
+ROWS_PER_PROC = 20_000
+DONE_SUFFIX = ".done.json"
+FAILED_SUFFIX = ".failed"
+
+
+def _tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What of the tokenizer decides the ids: its vocabulary and merges, special tokens, chat template."""
+    import tokenizers
+    import transformers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [
+        transformers.__version__,  # chat templates render through it
+        tokenizers.__version__,
+        type(tokenizer).__name__,
+        tokenizer.name_or_path,
+        len(tokenizer),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.chat_template,
+        backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+    ]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def _tokenized_cache(
+    rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig, max_len: int, code: str
+) -> Path | None:
+    """The cache file of these rows tokenized so (None for rows that are not a file of their own)."""
+    files = [f["filename"] for f in rows.cache_files]
+    if len(files) != 1:
+        return None
+    source = Path(files[0])
+    settings = json.dumps(dataclasses.asdict(data_cfg), sort_keys=True, default=str)
+    key = hashlib.sha256(
+        "|".join([source.name, _tokenizer_signature(tokenizer), settings, str(max_len), code]).encode()
+    ).hexdigest()[:20]
+    return source.with_name(f"{source.stem}-tokenized-{key}.arrow")
+
+
+def _tokenize(
+    rows: datasets.Dataset, fn_kwargs: dict[str, Any], name: str, cache: Path | None, leader: bool
+) -> datasets.Dataset:
+    """``datasets.map`` of the encoding over ``rows`` into ``cache`` (reused when there); a leader
+    marks the cache done (or failed) for the processes that wait for it."""
+    procs = min(os.cpu_count() or 1, len(rows) // ROWS_PER_PROC)
+    done, failed = (
+        (Path(f"{cache}{suffix}") for suffix in (DONE_SUFFIX, FAILED_SUFFIX)) if cache else (None, None)
+    )
+    if leader and failed is not None:
+        failed.unlink(missing_ok=True)
+    try:
+        encoded = rows.map(
+            _encode_batch,
+            batched=True,
+            fn_kwargs=fn_kwargs,
+            remove_columns=rows.column_names,
+            features=_features(),
+            desc=f"tokenizing {name}",
+            num_proc=procs if procs > 1 else None,
+            cache_file_name=str(cache) if cache is not None else None,
+        )
+    except Exception as err:
+        if leader and failed is not None:
+            failed.write_text(f"{type(err).__name__}: {err}", encoding="utf-8")
+        raise
+    if leader and done is not None:
+        files = [f["filename"] for f in encoded.cache_files]
+        tmp = done.with_name(f".{done.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"files": files}), encoding="utf-8")
+        os.replace(tmp, done)
+    return encoded
+
+
+def _wait_for_leader(cache: Path, name: str, wait_s: float) -> datasets.Dataset:
+    """The leader's tokenized files, memory-mapped, once it marks them done (no tokenizing here)."""
+    import datasets
+
+    done, failed = Path(f"{cache}{DONE_SUFFIX}"), Path(f"{cache}{FAILED_SUFFIX}")
+    started = time.time()
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while True:
+        if done.is_file():
+            try:
+                files = json.loads(done.read_text(encoding="utf-8"))["files"]
+                parts = [datasets.Dataset.from_file(f) for f in files]
+            except (OSError, ValueError, KeyError):
+                parts = None  # being rewritten by a new leader: look again
+            if parts:
+                log.info("%s: read the tokenized split of the first process (%s)", name, cache.name)
+                return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        if failed.is_file() and failed.stat().st_mtime >= started - 60:
+            raise DataError(f"the process that tokenizes the data failed: {failed.read_text()}")
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"the first process did not finish tokenizing within {wait_s:.0f} s "
+                "(prepare_timeout_s); look at its log, or raise prepare_timeout_s"
+            )
+        if not announced:
+            log.info("%s: waiting for the first process to tokenize it (up to %.0f s)", name, wait_s)
+            announced = True
+        time.sleep(0.5)
+
+
 class SFTDataset(Dataset):
-    """A prepared split tokenized once at construction (cached by ``datasets``; memory-mapped).
+    """A prepared split tokenized once at construction (cached on disk; memory-mapped).
+
+    With several processes, one tokenizes and the others read its cache: ``role="leader"`` tokenizes
+    (with every core on large splits) and marks the cache done, ``role="follower"`` waits for that mark
+    (polling the file system, no collective that could time out; at most ``wait_s`` seconds) and
+    memory-maps the leader's files without tokenizing. The cache is keyed by the prepared file, the
+    tokenizer (its vocabulary, special tokens and chat template), the data settings, the length and the
+    encoding code. ``role="alone"`` (one process) tokenizes, or reuses the same cache.
 
     Items are ``{"input_ids": list[int], "labels": list[int]}``, unpadded; ``stats`` says how many rows
     were truncated, cut, dropped or split into one sample per assistant turn. ``samples`` holds every
@@ -187,6 +303,8 @@ class SFTDataset(Dataset):
         name: str | None = None,
         max_len: int | None = None,
         cache_dir: str | None = None,
+        role: Literal["alone", "leader", "follower"] = "alone",
+        wait_s: float = 3600.0,
     ) -> None:
         import pyarrow.compute as pc
 
@@ -207,26 +325,27 @@ class SFTDataset(Dataset):
             _warn_if_turns_lack_eos(tokenizer, self.name)
         if chat_rows and _rows_use_tools(rows):
             check_tool_template(tokenizer, f"{self.name}: the data uses tools")
-        code = (__file__, tokenize_module.__file__, render_module.__file__)  # the code that encodes
+        code = (
+            __file__,
+            tokenize_module.__file__,
+            render_module.__file__,
+            chat_module.__file__,
+        )  # what encodes
         code_digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in code)).hexdigest()
+        fn_kwargs = {
+            "tokenizer": tokenizer,
+            "data_cfg": data_cfg,
+            "max_len": self.max_len,
+            "code": code_digest,
+        }
+        cache = _tokenized_cache(rows, tokenizer, data_cfg, self.max_len, code_digest)
         try:
-            encoded = (
-                _empty()
-                if len(rows) == 0
-                else rows.map(
-                    _encode_batch,
-                    batched=True,
-                    fn_kwargs={
-                        "tokenizer": tokenizer,
-                        "data_cfg": data_cfg,
-                        "max_len": self.max_len,
-                        "code": code_digest,
-                    },
-                    remove_columns=rows.column_names,
-                    features=_features(),
-                    desc=f"tokenizing {self.name}",
-                )
-            )
+            if len(rows) == 0:
+                encoded = _empty()
+            elif role == "follower" and cache is not None:
+                encoded = _wait_for_leader(cache, self.name, wait_s)
+            else:
+                encoded = _tokenize(rows, fn_kwargs, self.name, cache, leader=role == "leader")
         except ValueError as err:  # name the file: the message already names the row
             raise type(err)(f"{self.name}: {err}") from err
         table = encoded.data

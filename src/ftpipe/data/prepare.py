@@ -23,7 +23,7 @@ from ftpipe.data.errors import DataError, PrepareTimeoutError
 from ftpipe.data.manifest import read_manifest
 from ftpipe.data.sources import Source, resolve_source, source_fingerprint
 from ftpipe.utils.logging import get_logger, global_rank
-from ftpipe.utils.world import distributed
+from ftpipe.utils.world import distributed, local_rank
 
 log = get_logger(__name__)
 _POLL_S = 0.5
@@ -234,11 +234,6 @@ def _given_prepared(folder: Path) -> PreparedData:
     return _result(folder, {"counts": counts}, reused=True)
 
 
-def _local_rank() -> int:
-    value = os.environ.get("LOCAL_RANK", "")
-    return int(value) if value.isdigit() else global_rank()
-
-
 def prepare_data(cfg: PipelineConfig) -> PreparedData:
     """Prepare (or reuse) the data set of ``cfg`` in ``prepared_data_dir(cfg.data)`` on rank 0 (on
     the first process of every node with ``prepare_per_node``), or take ``prepared_dir`` as it is."""
@@ -248,7 +243,7 @@ def prepare_data(cfg: PipelineConfig) -> PreparedData:
     if cfg.data.prepared_dir:
         result = _given_prepared(folder)
     elif cfg.data.prepare_per_node:
-        leader = _local_rank() == 0
+        leader = local_rank() == 0
         result = _prepare_rank0(cfg, folder) if leader else _wait_ready(cfg, folder, rank)
     elif distributed():
         result = _prepare_in_group(cfg, folder, rank)

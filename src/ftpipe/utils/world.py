@@ -33,6 +33,14 @@ def world_size() -> int:
     return dist.get_world_size() if in_group() else 1
 
 
+def local_rank() -> int:
+    """This process's rank on its node: the launcher's ``LOCAL_RANK``, else the global rank."""
+    import os
+
+    value = os.environ.get("LOCAL_RANK", "")
+    return int(value) if value.isdigit() else rank()
+
+
 def world() -> tuple[int, int]:
     """``(rank, world_size)``."""
     return rank(), world_size()
