@@ -62,12 +62,15 @@ def test_the_demo_runs_in_a_fresh_checkout_with_nothing_beside_it(tmp_path):
     # it, and PYTHONPATH puts the copy's own code first
     venv = Path(sys.prefix)
     stamp = venv / ".ftpipe-installed"
-    make = ["make", f"VENV={venv}", "-o", str(stamp), "demo"]
-    dry = subprocess.run([*make, "-n"], cwd=clone, capture_output=True, text=True, check=True).stdout
-    assert "pip install" not in dry and dry.strip().endswith("ftpipe run --config configs/demo.yaml"), dry
-
+    make = ["make", "--no-print-directory", f"VENV={venv}", "-o", str(stamp), "demo"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(clone / "src")}
-    env.pop("PYTEST_CURRENT_TEST", None)
+    for name in ("PYTEST_CURRENT_TEST", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):
+        env.pop(name, None)  # a make of its own, not a sub-make of `make test`
+    dry = subprocess.run([*make, "-n"], cwd=clone, env=env, capture_output=True, text=True, check=True).stdout
+    recipe = [line.strip() for line in dry.splitlines() if line.strip()]
+    assert recipe and recipe[-1].endswith("ftpipe run --config configs/demo.yaml"), dry
+    assert not [line for line in recipe if "pip install" in line], dry
+
     start = time.monotonic()
     proc = subprocess.run(make, cwd=clone, env=env, capture_output=True, text=True, timeout=1100)
     seconds = time.monotonic() - start
