@@ -138,3 +138,18 @@ def test_flops_and_peaks():
     assert cuda_peak_tflops("Tesla T4", "16-mixed") is None
     measured = measure_cpu_matmul_tflops(n=256, reps=2)
     assert 1e-4 < measured < 100.0
+
+
+@pytest.mark.timeout(30)
+def test_progress_bar_updates_every_batch_on_a_terminal_and_eight_times_in_a_file():
+    import io
+
+    from ftpipe.train.trainer import progress_refresh_rate
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert progress_refresh_rate(48, Terminal()) == 1
+    assert progress_refresh_rate(48, io.StringIO()) == 6
+    assert progress_refresh_rate(5, io.StringIO()) == 1

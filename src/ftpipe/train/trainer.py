@@ -10,8 +10,10 @@ warning says when this shifts the validation points off whole steps.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
@@ -70,6 +72,13 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description("training")
+
+
+def progress_refresh_rate(batches: int, stream: TextIO | None = None) -> int:
+    """Batches between progress-bar updates: every batch on a terminal (the bar redraws its line), about
+    eight updates in all when the output goes to a file or a pipe (each update is a line there)."""
+    stream = stream if stream is not None else sys.stdout
+    return 1 if stream.isatty() else max(1, batches // 8)
 
 
 class EpochAlignmentCheck(Callback):
@@ -145,7 +154,7 @@ def build_callbacks(
     callbacks: list[Callback] = [
         folders,
         metrics,
-        StepProgressBar(refresh_rate=1),
+        StepProgressBar(refresh_rate=progress_refresh_rate(t.max_steps * t.accumulate_grad_batches)),
         checkpoint,
     ]
     if t.early_stopping_patience > 0:
