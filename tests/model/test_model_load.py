@@ -212,6 +212,6 @@ def test_create_model_bf16_true_keeps_everything_bf16(embedded_model_path, no_cu
 
 @pytest.mark.timeout(20)
 def test_fsdp2_without_mesh_in_a_process_group_is_an_error(monkeypatch, embedded_model_path):
-    monkeypatch.setattr(build, "_world", lambda: (1, 2))
+    monkeypatch.setattr(build.ranks, "world", lambda: (1, 2))
     with pytest.raises(ValueError, match=r"on rank 1 of 2 needs the device mesh"):
         create_model(_cfg(hf_model_id="embedded"), strategy_kind="fsdp2")

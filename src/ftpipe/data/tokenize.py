@@ -63,12 +63,9 @@ from ftpipe.data.render import (  # ChatTemplateError: re-exported, part of this
     require_chat_template,
     template_kwargs,
 )
-from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-log = get_logger(__name__)
 
 #: Label of positions that do not count in the loss (PyTorch's cross-entropy ``ignore_index``).
 IGNORE_INDEX = -100

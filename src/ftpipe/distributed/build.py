@@ -19,14 +19,10 @@ from ftpipe.distributed.fsdp2 import shard_model
 from ftpipe.distributed.layers import find_decoder_layer_classes
 from ftpipe.model.load import build_empty, load_pretrained, prepare_for_finetuning, prepared_config
 from ftpipe.runtime import accelerator_name, compute_dtype, is_16bit, precision_and_reason, weight_dtype
+from ftpipe.utils import world as ranks
 from ftpipe.utils.logging import get_logger
-from ftpipe.utils.world import world
 
 log = get_logger(__name__)
-
-
-def _world() -> tuple[int, int]:
-    return world()
 
 
 def create_model(
@@ -50,7 +46,7 @@ def create_model(
     model would silently not be sharded).
     """
     kind = strategy_kind or cfg.dist.strategy
-    rank, world = _world()
+    rank, world = ranks.world()
     if kind == "fsdp2" and device_mesh is None:
         if world > 1:
             raise ValueError(
@@ -92,7 +88,7 @@ def _create_fsdp2(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
-    rank, _ = _world()
+    rank = ranks.rank()
     start = time.monotonic()
     # The meta build must not consume random numbers: rank 0's reference copy below then draws the
     # same adapter initialisation as a plain load under the same seed.

@@ -8,12 +8,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ftpipe.config.schema import EvalConfig
 from ftpipe.errors import FtpipeError
-from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
     from ftpipe.config.schema import PipelineConfig
-
-log = get_logger(__name__)
 
 Backend = Literal["auto", "vllm", "transformers"]
 
