@@ -147,6 +147,9 @@ def sft_config(spec: dict[str, Any], world: int):
     cosine to ``min_lr`` after a linear warm-up, no evaluation, no saving, a loss record every step."""
     from trl import SFTConfig
 
+    # gradient_checkpointing None (or absent): SFTConfig's own default
+    checkpointing = spec.get("gradient_checkpointing")
+    own_default = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}
     return SFTConfig(
         output_dir=str(Path(spec["out_dir"]) / "trainer"),
         max_steps=spec["steps"],
@@ -165,7 +168,7 @@ def sft_config(spec: dict[str, Any], world: int):
         bf16=bool(spec.get("bf16", False)),
         fp16=False,
         use_cpu=spec.get("device", "cpu") == "cpu",
-        gradient_checkpointing=spec["gradient_checkpointing"],
+        **own_default,
         max_length=spec["max_length"],
         packing=spec["packing"],
         train_sampling_strategy="group_by_length" if spec.get("group_by_length") else "random",

@@ -48,6 +48,7 @@ def test_run_metrics_leave_out_the_first_step(vs_trl):
     assert m["flops_per_token"] == 4 * 1000 + 2 * 10
     # 4020 FLOPs per token x 500 tokens in 5 s against 1 MFLOP/s
     assert m["mfu"] == pytest.approx(4020 * 500 / 5.0 / 1e6)
+    assert m["model_tflops_per_s"] == pytest.approx(4020 * 500 / 5.0 / 1e12)
     single = vs_trl.run_metrics([_step(4.0, 10, 20)], 1000, 10, 1e-6)
     assert single["measured_steps"] == 1 and single["tokens_per_s"] == pytest.approx(2.5)
 
@@ -70,30 +71,42 @@ def _run(variant: str, tps: float, rss: list[float], pad: float = 0.1) -> dict:
 @pytest.mark.timeout(60)
 def test_summary_medians_spread_ratio_and_targets(vs_trl):
     runs = [
-        _run("ftpipe-packed", 30.0, [1.0, 0.8], pad=0.01),
-        _run("ftpipe-packed", 36.0, [1.2, 0.9], pad=0.02),
-        _run("ftpipe-packed", 33.0, [1.1, 1.0], pad=0.03),
-        _run("trl", 20.0, [2.0]),
-        _run("trl", 22.0, [2.2]),
+        _run("ftpipe-packed", 600.0, [1.0, 0.8], pad=0.01),
+        _run("ftpipe-packed", 720.0, [1.2, 0.9], pad=0.02),
+        _run("ftpipe-packed", 660.0, [1.1, 1.0], pad=0.03),
+        _run("trl", 300.0, [2.0]),
+        _run("trl", 330.0, [2.2]),
         {"variant": "trl", "error": "exit 1"},
-        _run("trl", 10.0, [2.1]),
+        _run("trl", 150.0, [2.1]),
+        _run("trl-packed", 440.0, [2.0]),
     ]
-    summary = vs_trl.summarize(runs, ["ftpipe-packed", "trl"])
+    summary = vs_trl.summarize(runs, ["ftpipe-packed", "trl", "trl-packed"])
     ours, base = summary["ftpipe-packed"], summary["trl"]
     assert ours["runs"] == 3 and base["runs"] == 3 and base["failed_runs"] == 1
-    assert ours["tokens_per_s"] == {"median": 33.0, "min": 30.0, "max": 36.0}
-    assert base["tokens_per_s"] == {"median": 20.0, "min": 10.0, "max": 22.0}
-    assert ours["ratio_to_trl"] == pytest.approx(33.0 / 20.0) and base["ratio_to_trl"] == pytest.approx(1.0)
+    assert ours["tokens_per_s"] == {"median": 660.0, "min": 600.0, "max": 720.0}
+    assert base["tokens_per_s"] == {"median": 300.0, "min": 150.0, "max": 330.0}
+    assert ours["ratio_to_trl"] == pytest.approx(2.2) and base["ratio_to_trl"] == pytest.approx(1.0)
     assert ours["peak_rss_gib_per_process"] == [1.1, 0.9]  # median of each process over the repeats
     assert ours["peak_rss_gib_max_process"]["median"] == 1.1
     assert ours["peak_rss_gib_all_processes"] == pytest.approx({"median": 2.1, "min": 1.8, "max": 2.1})
     t = vs_trl.targets(summary)
-    assert t["tokens_per_s_ratio"] == pytest.approx(1.65) and t["tokens_per_s_ratio_met"]
+    assert t["tokens_per_s_ratio"] == pytest.approx(2.2) and t["tokens_per_s_ratio_met"]  # >= 2.0x
+    assert t["tokens_per_s_ratio_trl_packed"] == pytest.approx(1.5) and t["tokens_per_s_ratio_trl_packed_met"]
+    assert t["mfu"] == pytest.approx(0.66) and t["mfu_met"]  # >= 60%
     assert t["peak_memory_met"] and t["padding_share"] == pytest.approx(0.02) and t["padding_share_met"]
-    slow = vs_trl.summarize([*runs[:3], _run("trl", 25.0, [1.0])], ["ftpipe-packed", "trl"])
+    slow = vs_trl.summarize(
+        [*runs[:3], _run("trl", 350.0, [1.0]), _run("trl-packed", 450.0, [1.0])],
+        ["ftpipe-packed", "trl", "trl-packed"],
+    )
     t = vs_trl.targets(slow)
-    assert t["tokens_per_s_ratio"] == pytest.approx(33 / 25) and not t["tokens_per_s_ratio_met"]
+    assert t["tokens_per_s_ratio"] == pytest.approx(660 / 350) and not t["tokens_per_s_ratio_met"]
+    assert (
+        t["tokens_per_s_ratio_trl_packed"] == pytest.approx(660 / 450)
+        and not t["tokens_per_s_ratio_trl_packed_met"]
+    )
     assert not t["peak_memory_met"]
+    low = [dict(r, mfu=0.59) if r.get("variant") == "ftpipe-packed" else r for r in runs]
+    assert not vs_trl.targets(vs_trl.summarize(low, ["ftpipe-packed", "trl"]))["mfu_met"]
     assert vs_trl.targets(vs_trl.summarize(runs[:3], ["ftpipe-packed"]))["evaluated"] is False
 
 
@@ -148,6 +161,14 @@ def test_accumulation_reaches_the_same_global_batch(vs_trl, tmp_path):
     assert int(flags["--val_check_interval"]) > s.steps  # no validation
     spec = vs_trl.trl_spec(s, vs_trl.VARIANTS["trl-packed"], tmp_path)
     assert spec["accumulation"] == 2 and spec["threads"] == 2 and spec["packing"] is True
+    # each side's default unless told: ftpipe auto, TRL's own (None leaves SFTConfig's default)
+    assert flags["--activation_checkpointing"] == "auto" and spec["gradient_checkpointing"] is None
+    both_off = vs_trl.build_settings(
+        vs_trl.parse_args(["--activation-checkpointing", "off", "--model", str(tmp_path)]), tmp_path
+    )
+    off_cmd = vs_trl.ftpipe_command(both_off, vs_trl.VARIANTS["ftpipe-packed"], tmp_path)
+    assert off_cmd[off_cmd.index("--activation_checkpointing") + 1] == "false"
+    assert vs_trl.trl_spec(both_off, vs_trl.VARIANTS["trl"], tmp_path)["gradient_checkpointing"] is False
     short = vs_trl.build_settings(vs_trl.parse_args(["--steps", "2", "--model", str(tmp_path)]), tmp_path)
     assert short.warmup_steps == 1  # ftpipe needs warmup_steps < max_steps
     # by default TRL runs as many processes as ftpipe: ddp on 2 cores -> 2 x micro 2 x accumulation 1
@@ -240,10 +261,16 @@ def test_end_to_end_tiny_model(vs_trl, tiny_llama, tmp_path):
     assert runs["trl"]["padding_share"] > 0 and runs["trl-packed"]["padding_free"]
     assert runs["trl-packed"]["padding_share"] == 0
     assert runs["ftpipe-packed"]["padding_share"] < 0.05
+    # at their defaults: ftpipe's auto turns checkpointing off for a model that fits, TRL keeps it on
+    assert runs["ftpipe-packed"]["gradient_checkpointing"] is False and runs["trl"]["gradient_checkpointing"]
+    assert (
+        report["peak_tflops"] == max(report["peak_tflops_samples"])
+        and len(report["peak_tflops_samples"]) == 4
+    )
     md = out.with_suffix(".md").read_text()
     for name in runs:
         assert f"| {name} | 1 x " in md
-    assert "ratio to TRL default" in md and "## Known differences" in md
+    assert "ratio to TRL default" in md and "## Known differences" in md and "each side's default" in md
 
 
 @pytest.mark.timeout(60)

@@ -394,6 +394,7 @@ def test_only_rank_0_prepares_while_rank_1_waits(alpaca_demo, tmp_path, monkeypa
 
 @pytest.mark.distributed
 def test_gloo_group_rank_0_prepares_and_shares_its_failure(alpaca_demo, tmp_path, monkeypatch):
+    """Rank 1 waits (longer than the group's timeout) for rank 0, then gets its failure, through the store."""
     import torch.multiprocessing as mp
 
     monkeypatch.syspath_prepend(str(HERE))
@@ -402,7 +403,10 @@ def test_gloo_group_rank_0_prepares_and_shares_its_failure(alpaca_demo, tmp_path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(gloo_worker, args=(2, port, str(alpaca_demo), str(tmp_path / "out"), str(tmp_path)), nprocs=2)
+    # The group's collective timeout is 3 s and rank 0 takes 8 s more: rank 1 waits in the store, not in a
+    # collective, so the long preparation does not trip the timeout.
+    args = (2, port, str(alpaca_demo), str(tmp_path / "out"), str(tmp_path), 3.0, 8.0)
+    mp.spawn(gloo_worker, args=args, nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["folder"] == r1["folder"] and (r0["reused"], r1["reused"]) == (False, True)
     meta = json.loads((Path(r0["folder"]) / "manifest.json").read_text())

@@ -9,6 +9,9 @@ compute the same steps, and their losses, gradient norms and LoRA weights must a
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,10 +43,16 @@ def _run(train_runner, tiny_llama, name, **overrides):
 
 
 @pytest.fixture(scope="module")
-def reference(train_runner, tiny_llama):
-    """One process, micro-batch 4, no accumulation."""
+def reference(train_runner, tiny_llama, tmp_path_factory):
+    """One process, micro-batch 4, no accumulation (profiled: the profiler records, it changes nothing)."""
     return _run(
-        train_runner, tiny_llama, "single_micro4", strategy="single", gpus_per_node=1, micro_batch_size=4
+        train_runner,
+        tiny_llama,
+        "single_micro4",
+        strategy="single",
+        gpus_per_node=1,
+        micro_batch_size=4,
+        profile_dir=str(tmp_path_factory.mktemp("profile")),
     )
 
 
@@ -99,6 +108,22 @@ def _split_label_tokens(run) -> int:
     assert len(rows) == 4
     encoded = [encode_example(tokenizer, row, cfg.data) for row in rows]
     return sum(sum(label != IGNORE_INDEX for label in e.labels) for e in encoded)
+
+
+@pytest.mark.timeout(600)
+def test_profile_and_the_checkpointing_choice_of_the_reference_run(reference):
+    """``profile_dir``: the operators of two profiled batches by self time, and a trace; ``auto``
+    checkpointing (the default) is off for a model this small, with both estimates in the log."""
+    import re
+
+    log = reference.log()
+    folder = Path(re.search(r"profile_dir: (\S+)", (reference.root / "config.yaml").read_text()).group(1))
+    table = (folder / "profile-rank0.txt").read_text()
+    assert "Self CPU" in table and "aten::mm" in table
+    assert json.loads((folder / "trace-rank0.json").read_text())["traceEvents"]
+    line = next(x for x in log.splitlines() if "(auto)" in x)
+    assert "activation checkpointing off (auto): the estimate is" in line and "with it" in line
+    assert re.search(r"activation_checkpointing: false", (reference.root / "config.yaml").read_text())
 
 
 @pytest.mark.timeout(600)

@@ -18,9 +18,10 @@ import sys
 import tempfile
 import time
 import traceback
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 from docstring_parser import parse as parse_docstring
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
@@ -110,6 +111,17 @@ def _add_fields(parser: ArgumentParser, cls: type) -> None:
             default=f.default,
             help=f"{helps.get(f.name, '')} (--{f.name} [true|false] or --no_{f.name}; default: {f.default})",
         )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # ``bool | Literal["auto"]``: --no_<name> stays a way to say false
+        if hints[f.name] == bool | Literal["auto"]:
+            parser.add_argument(
+                f"--no_{f.name}",
+                action="store_const",
+                const=False,
+                dest=f.name,
+                default=f.default,
+                help=f"--{f.name} false",
+            )
 
 
 class _Parser(ArgumentParser):

@@ -282,6 +282,8 @@ class TrainConfig:
         early_stopping_min_delta: smallest val_loss decrease that counts as an improvement.
         seed: seed of model initialisation, dropout and data order.
         log_every_n_steps: logging interval in optimizer steps.
+        profile_dir: profile two training batches after a warm-up batch with ``torch.profiler`` on every
+            rank, and write here the operators by self time (``profile-rank<R>.txt``) and a Chrome trace.
         peak_tflops_per_device: peak TFLOP/s of one device for the MFU estimate (unset: a table of
             GPU bf16 peaks on CUDA, a measured fp32 matmul rate on the CPU).
         resume_from_checkpoint: checkpoint file or distributed-checkpoint folder to resume training
@@ -323,6 +325,7 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.001
     seed: int = 42
     log_every_n_steps: int = 1
+    profile_dir: str | None = None
     peak_tflops_per_device: float | None = None
     resume_from_checkpoint: str | None = None
     loss_chunk_size: int = 256
@@ -346,7 +349,9 @@ class DistConfig:
         accelerator: ``auto``, ``cuda`` or ``cpu``.
         sharding_strategy: FSDP1 sharding strategy.
         cpu_offload: offload parameters to host memory (FSDP1 and FSDP2).
-        activation_checkpointing: non-reentrant checkpointing of every decoder layer.
+        activation_checkpointing: non-reentrant checkpointing of every decoder layer; ``auto`` turns it
+            on only when ``ftpipe estimate`` says the run would not fit without it (the GPU's memory, or
+            on the CPU the host's memory shared by the node's processes), and logs both estimates.
         fsdp_mixed_precision: FSDP mixed-precision policy (params, reduce and buffers in the
             compute dtype); only meaningful with a 16-bit precision.
         limit_all_gathers: FSDP1 rate limiter for all-gathers.
@@ -361,7 +366,7 @@ class DistConfig:
     accelerator: Literal["auto", "cuda", "cpu"] = "auto"
     sharding_strategy: ShardingStrategy = "FULL_SHARD"
     cpu_offload: bool = False
-    activation_checkpointing: bool = True
+    activation_checkpointing: bool | Literal["auto"] = "auto"
     fsdp_mixed_precision: bool = True
     limit_all_gathers: bool = True
     sync_module_states: bool = True

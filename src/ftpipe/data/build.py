@@ -386,8 +386,17 @@ def build_prepared(
         results, offset = [], 0
         for i, (spec, source) in enumerate(inputs):
             d = spec.data
-            parts = load_parts(source, d.dataset_subset, d.dataset_split, work_dir / f"source-{i}", fail)
-            result = format_source(spec, parts, work_dir, fail, digest, i, offset)
+            # no reference to the raw parts is kept past formatting: their memory-mapped Arrow files are then
+            # unmapped, and the split writing below does not hold them in the process's memory as well
+            result = format_source(
+                spec,
+                load_parts(source, d.dataset_subset, d.dataset_split, work_dir / f"source-{i}", fail),
+                work_dir,
+                fail,
+                digest,
+                i,
+                offset,
+            )
             offset += result.rows_read
             _log_source(result, len(inputs) > 1)
             if not result.usable:

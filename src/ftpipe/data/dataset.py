@@ -50,6 +50,7 @@ _EMPTY_SAMPLE = {
     "prompt_truncated": False,
     "output_cut": False,
     "full_length": 0,
+    "label_count": 0,
 }
 
 
@@ -67,9 +68,11 @@ def _encode_batch(
     for j in range(count):
         row = json.loads(batch[RAW_COLUMN][j]) if RAW_COLUMN in batch else {c: batch[c][j] for c in batch}
         examples, per_turn = encode_examples(tokenizer, row, data_cfg, max_len)
-        items = [dataclasses.asdict(e) | {"dropped": False} for e in examples] or [
-            _EMPTY_SAMPLE | {"dropped": True}
-        ]
+        items = [
+            dataclasses.asdict(e)
+            | {"dropped": False, "label_count": sum(1 for label in e.labels if label != IGNORE_INDEX)}
+            for e in examples
+        ] or [_EMPTY_SAMPLE | {"dropped": True}]
         for turn, item in enumerate(items):
             for key, value in item.items():
                 out[key].append(value)
@@ -156,6 +159,9 @@ def _features() -> datasets.Features:
             "prompt_truncated": Value("bool"),
             "output_cut": Value("bool"),
             "full_length": Value("int32"),
+            # the labelled tokens of the sample: the statistics sum this column instead of reading every
+            # label (on a large split that read would map gigabytes of the cache into memory)
+            "label_count": Value("int32"),
             "dropped": Value("bool"),
             "per_turn": Value("bool"),
             "turn": Value("int32"),
@@ -356,8 +362,7 @@ class SFTDataset(Dataset):
             table = encoded.data
         per_turn = table.column("per_turn")
         first_turns = pc.and_(per_turn, pc.equal(table.column("turn"), 0))
-        lengths = pc.list_value_length(table.column("input_ids"))
-        label_flags = pc.not_equal(pc.list_flatten(table.column("labels")), IGNORE_INDEX)
+        lengths = pc.list_value_length(table.column("input_ids"))  # reads the offsets only
         self.stats = TokenizationStats(
             rows=int(len(dropped) - (pc.sum(per_turn).as_py() or 0) + (pc.sum(first_turns).as_py() or 0)),
             kept=len(kept),
@@ -365,7 +370,7 @@ class SFTDataset(Dataset):
             cut_outputs=int(pc.sum(table.column("output_cut")).as_py() or 0),
             dropped=len(dropped) - len(kept),
             tokens=int(pc.sum(lengths).as_py() or 0),
-            label_tokens=int(pc.sum(label_flags).as_py() or 0),
+            label_tokens=int(pc.sum(table.column("label_count")).as_py() or 0),
             per_turn_rows=int(pc.sum(first_turns).as_py() or 0),
             per_turn_samples=int(pc.sum(per_turn).as_py() or 0),
         )

@@ -1,7 +1,9 @@
 """``ftpipe prepare``: raw rows in, ``training/validation/test.jsonl`` out, prepared once.
 
-Only global rank 0 prepares. With a process group the other ranks wait in a gloo broadcast (which
-also carries rank 0's failure); without one they poll for the ``.data_ready`` marker. A folder whose
+Only global rank 0 prepares. With a process group rank 0 posts its outcome (done, or its error) in the
+group's key-value store, and the other ranks poll the store without blocking: no collective, so a long
+preparation never meets the process group's timeout, only ``prepare_timeout_s``. Without a group they
+poll for the ``.data_ready`` marker. A folder whose
 manifest has the same settings hash and whose source files kept their size and mtime is reused.
 """
 
@@ -27,6 +29,8 @@ from ftpipe.utils.world import distributed, local_rank
 
 log = get_logger(__name__)
 _POLL_S = 0.5
+#: How long rank 0 waits for the others to read its outcome (they poll every ``_POLL_S``).
+_ACK_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -177,36 +181,68 @@ def _wait_ready(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
         time.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0.0)))
 
 
-def _prepare_in_group(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
-    """Rank 0 prepares and broadcasts its outcome over the default process group.
+def _store_key(cfg: PipelineConfig, folder: Path) -> str:
+    """The key of this preparation's outcome: the settings, the folder and the launcher's restart round (a
+    torchrun restart keeps its store, and a new round must not read the old round's outcome)."""
+    digest = settings_hash(prepare_settings(cfg.data))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"ftpipe/prepare/{digest}/{folder.name}/{restart}"
 
-    No extra group is created: a new group's rendezvous keys can outlive a ``torchrun`` restart and
-    point the restarted ranks at dead peers. Inside ``ftpipe train`` the data was already prepared before
-    the group existed, so this wait is short; its limit is the group's timeout
-    (``process_group_timeout_s``).
-    """
+
+def _post(store, key: str, status: str) -> None:
+    """Rank 0: post the outcome, then wait (at most ``_ACK_WAIT_S``) until every other rank has read it,
+    so that the store (served by rank 0) outlives their reading even if rank 0 exits right after."""
     import torch.distributed as dist
 
-    status: list = [None]
+    store.set(key, status)
+    others = dist.get_world_size() - 1
+    deadline = time.monotonic() + _ACK_WAIT_S
+    while store.add(f"{key}/read", 0) < others and time.monotonic() < deadline:
+        time.sleep(_POLL_S / 5)
+
+
+def _prepare_in_group(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
+    """Rank 0 prepares and posts its outcome in the process group's key-value store; the other ranks poll
+    the store (``check``, which does not block), so they wait up to ``prepare_timeout_s`` whatever the
+    group's own timeout (``process_group_timeout_s``), and learn of rank 0's failure at once.
+
+    No extra group is created: a new group's rendezvous keys can outlive a ``torchrun`` restart and
+    point the restarted ranks at dead peers.
+    """
+    from ftpipe.compat import default_store
+
+    store = default_store()
+    if store is None:  # pragma: no cover - every gloo / NCCL group ftpipe starts has a store
+        return _wait_ready(cfg, folder, rank)
+    key = _store_key(cfg, folder)
     if rank == 0:
         try:
             result = _prepare_rank0(cfg, folder)
         except Exception as err:
-            status[0] = f"{type(err).__name__}: {err}"
-            dist.broadcast_object_list(status, src=0)
+            _post(store, key, f"{type(err).__name__}: {err}")
             raise
-        status[0] = "ok"
-        dist.broadcast_object_list(status, src=0)
+        _post(store, key, "ok")
         return result
-    try:
-        dist.broadcast_object_list(status, src=0)
-    except RuntimeError as err:
-        raise PrepareTimeoutError(
-            f"rank {rank}: rank 0 did not finish preparing the data in {folder} within the process group's "
-            f"timeout ({err}); check rank 0's log, raise process_group_timeout_s, or run `ftpipe prepare` first"
-        ) from err
-    if status[0] != "ok":
-        raise DataError(f"rank {rank}: rank 0 failed to prepare the data in {folder}: {status[0]}")
+    timeout = cfg.data.prepare_timeout_s
+    deadline = time.monotonic() + timeout
+    log.info(
+        "rank %d: waiting for rank 0 to prepare the data (up to prepare_timeout_s = %g s; no collective, so "
+        "the process group's timeout does not apply)",
+        rank,
+        timeout,
+    )
+    while not store.check([key]):
+        if time.monotonic() >= deadline:
+            raise PrepareTimeoutError(
+                f"rank {rank}: rank 0 did not finish preparing the data in {folder} within prepare_timeout_s "
+                f"({timeout:g} s); check rank 0's log, raise prepare_timeout_s for a large data set, or run "
+                "`ftpipe prepare` with the same configuration first"
+            )
+        time.sleep(_POLL_S)
+    status = store.get(key).decode("utf-8", errors="replace")
+    store.add(f"{key}/read", 1)
+    if status != "ok":
+        raise DataError(f"rank {rank}: rank 0 failed to prepare the data in {folder}: {status}")
     manifest = read_manifest(folder)
     if manifest is None or not (folder / READY_MARKER).is_file():
         raise DataError(

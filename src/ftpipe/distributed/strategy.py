@@ -66,7 +66,7 @@ def build_strategy(cfg: PipelineConfig, layer_classes: set[type]) -> Strategy | 
     - ``fsdp2``: ``ModelParallelStrategy`` (data parallel over every process, no tensor parallel,
       distributed checkpoints); the sharding itself happens in ``create_model`` (configure_model).
     - ``fsdp1``: ``FSDPStrategy`` wrapping ``layer_classes`` (``CPUFSDPStrategy`` on the CPU).
-    - ``ddp``: ``DDPStrategy`` without unused-parameter search.
+    - ``ddp``: ``DDPStrategy`` without unused-parameter search, gradients as views of its buckets.
     - ``single``: ``SingleDeviceStrategy``.
     """
     ds, t = cfg.dist, cfg.train
@@ -86,7 +86,8 @@ def build_strategy(cfg: PipelineConfig, layer_classes: set[type]) -> Strategy | 
             )
         strategy = _fsdp1(cfg, layer_classes, common)
     elif ds.strategy == "ddp":
-        strategy = DDPStrategy(find_unused_parameters=False, **common)
+        # gradients as views into the all-reduce buckets: no second copy of them, no copy per step
+        strategy = DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True, **common)
     elif ds.strategy == "single":
         device = torch.device("cuda", 0) if accelerator_name(cfg) == "cuda" else torch.device("cpu")
         strategy = SingleDeviceStrategy(device=device)

@@ -13,7 +13,7 @@ docs/estimate.md). Per token, with ``a`` the bytes of the compute dtype:
 - a gated MLP (SwiGLU) keeps the gate, its activation and the up projection: ``3 x intermediate x a``;
 - frozen linears keep nothing (only their weights, which are not activations); a trainable one keeps its
   input (once per group of linears reading the same input);
-- a LoRA adapter keeps its dropout mask (1 byte per element on CUDA, ``a`` on the CPU) and the dropped-out
+- a LoRA adapter keeps its dropout mask (1 byte per element: ``ftpipe.model.dropout``) and the dropped-out
   input (``in_features x a``; with dropout 0 the shared input once per group), and the ``r``-wide
   intermediate.
 
@@ -115,12 +115,12 @@ def activation_bytes(
         seq_len: tokens per sequence (every position counted, as for a full or packed batch).
         compute_bytes: bytes per element of the compute dtype.
         attn: attention implementation (``sdpa``, ``flash_attention_2`` or ``eager``).
-        device: ``cuda`` (bool dropout masks) or ``cpu`` (dropout masks in the compute dtype).
+        device: ``cuda`` or ``cpu``.
         loss_chunk_size: positions per loss chunk (0: every position at once).
     """
     a = compute_bytes
     tokens = micro_batch_size * seq_len
-    mask_bytes = 1 if device == "cuda" else a
+    mask_bytes = 1  # a boolean mask on every device (ftpipe.model.dropout.LoraDropout on the CPU)
     full_ft_norms = any(lin.trainable for lin in shape.linears)
     norms = sum(n * 4 + (n * a if full_ft_norms else 0) for n in shape.norm_elements)
     mlp = (3 if shape.gated_mlp else 1) * shape.intermediate_size * a

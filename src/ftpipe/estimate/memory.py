@@ -6,7 +6,10 @@ copy is sharded over and adds its unsharded all-gather buffers (the current and 
 layer, and the root unit: embeddings, final norm, output head); ``cpu_offload`` moves the sharded weights,
 gradients and optimizer state to host memory. Activations (``ftpipe.estimate.activations``) are given with
 and without activation checkpointing; the configured one counts in the total. A fixed allowance for the
-CUDA context and NCCL's buffers is added on GPUs. The verdict compares the total with ``gpu_memory_gib``
+CUDA context and NCCL's buffers is added on GPUs. ``activation_checkpointing: auto`` counts the activations
+without checkpointing when that total fits in the memory it plans against (the GPU's, or on the CPU the
+host's memory shared by the node's processes, less an allowance for the Python runtime), else with it, and
+says so in ``auto_reason``. The verdict compares the total with ``gpu_memory_gib``
 (unset: the local CUDA device's memory), keeping 10% free for the caching allocator's fragmentation and the
 estimate's error, and says what would make it fit when it does not.
 """
@@ -14,6 +17,7 @@ estimate's error, and says what would make it fit when it does not.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +25,7 @@ import torch
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.estimate.activations import Activations, activation_bytes
-from ftpipe.estimate.shape import ModelShape, model_shape
+from ftpipe.estimate.shape import ModelConfigUnavailable, ModelShape, model_shape
 from ftpipe.runtime import compute_dtype, is_16bit, weight_dtype
 from ftpipe.utils.logging import get_logger
 
@@ -32,6 +36,9 @@ GIB = 1024**3
 CUDA_OVERHEAD_BYTES = 1 * GIB
 #: Share of the device memory kept free for allocator fragmentation and the estimate's error.
 HEADROOM = 0.10
+#: On the CPU, what a training process holds beside the terms the estimate counts (the Python interpreter,
+#: torch, transformers, Lightning and the data loader): about 0.9-1.1 GiB measured on the embedded model.
+CPU_RUNTIME_BYTES = 1 * GIB
 #: The most nodes (of up to 8 GPUs) the "more GPUs" advice considers.
 MAX_NODES = 128
 
@@ -96,15 +103,18 @@ class MemoryEstimate:
         lora_weights: LoRA adapter weights.
         gradients: gradients of the trainable parameters.
         optimizer_state: AdamW's two moments.
-        fsdp_buffers: FSDP's unsharded parameters and gradients (DDP: its gradient buckets).
+        fsdp_buffers: FSDP's unsharded parameters and gradients (DDP: none, its gradients are bucket views).
         activations: activation memory with and without checkpointing.
-        activation_checkpointing: whether the configured run checkpoints (the figure counted).
+        activation_checkpointing: whether the run checkpoints (the figure counted): the configured value,
+            or what ``auto`` chose.
         overhead: fixed framework allowance (CUDA context, NCCL); 0 on the CPU.
         host_offloaded: bytes moved to host memory per process by ``cpu_offload``.
         total: the sum counted against the device memory.
         device_memory: memory of one GPU (None: unknown, no verdict).
         fits: the total fits in the device memory minus the headroom (None: no verdict).
         advice: when it does not fit, changes and the total each gives.
+        auto_reason: with ``activation_checkpointing: auto``, why it chose what it did (both totals and
+            the memory planned against); None when the value was configured.
     """
 
     model: str
@@ -126,6 +136,15 @@ class MemoryEstimate:
     device_memory: int | None
     fits: bool | None
     advice: tuple[str, ...] = field(default=())
+    auto_reason: str | None = None
+
+    def total_with(self, checkpointing: bool) -> int:
+        """The total with activation checkpointing on or off (the rest unchanged)."""
+        return (
+            self.total
+            - self.activations.counted(self.activation_checkpointing)
+            + self.activations.counted(checkpointing)
+        )
 
     @property
     def usable_memory(self) -> int | None:
@@ -197,6 +216,25 @@ def _layout(cfg: PipelineConfig, target: Target) -> Layout:
     return Layout(1, 1, "single device", "none", False, stored)
 
 
+def host_memory() -> int:
+    """This machine's physical memory in bytes (the same figure on every process of a node)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _auto_memory(cfg: PipelineConfig, device: str, device_memory: int | None) -> tuple[int | None, str]:
+    """The memory per process ``activation_checkpointing: auto`` plans against, and where it comes from. It
+    depends only on the configuration and the machine, so that every rank of a node decides alike."""
+    if device == "cuda":
+        where = "GPU memory" if device_memory is not None else "no known GPU memory"
+        return device_memory, where
+    processes = 1 if cfg.dist.strategy == "single" else max(1, cfg.train.gpus_per_node)
+    host = host_memory()
+    return host // processes - CPU_RUNTIME_BYTES, (
+        f"host memory: {host / GIB:.1f} GiB over {processes} process(es) of this node, less "
+        f"{CPU_RUNTIME_BYTES / GIB:.0f} GiB each for the Python runtime"
+    )
+
+
 def _device_memory(cfg: PipelineConfig, device: str) -> int | None:
     if cfg.dist.gpu_memory_gib is not None:
         return int(cfg.dist.gpu_memory_gib * GIB)
@@ -213,7 +251,7 @@ def _fsdp_buffers(shape: ModelShape, layout: Layout, cfg: PipelineConfig, precis
     w_bytes = weight_dtype(precision).itemsize
     p_bytes = layout.gather_dtype.itemsize
     if cfg.dist.strategy == "ddp":
-        return shape.trainable_params * w_bytes  # DDP's gradient buckets (a copy of the gradients)
+        return 0  # the gradients are views into DDP's all-reduce buckets (gradient_as_bucket_view)
     if layout.unsharded == "layers":  # current + prefetched layer, the root unit kept through backward
         params = 2 * shape.layer_params + shape.root_params
         grads = shape.layer_trainable_params + shape.root_trainable_params  # before the reduce-scatter
@@ -261,16 +299,20 @@ def _compute(
     )
     buffers = _fsdp_buffers(shape, layout, cfg, target.precision)
     overhead = CUDA_OVERHEAD_BYTES if target.device == "cuda" else 0
-    checkpointing = cfg.dist.activation_checkpointing
-    total = (
-        weights
-        + lora_weights
-        + gradients
-        + optimizer_state
-        + buffers
-        + acts.counted(checkpointing)
-        + overhead
-    )
+    rest = weights + lora_weights + gradients + optimizer_state + buffers + overhead
+    checkpointing, auto_reason = cfg.dist.activation_checkpointing, None
+    if checkpointing == "auto":
+        limit, where = _auto_memory(cfg, target.device, device_memory)
+        usable = None if limit is None else int(limit * (1 - HEADROOM))
+        without, with_ = rest + acts.without_checkpointing, rest + acts.with_checkpointing
+        checkpointing = usable is None or without > usable
+        auto_reason = (
+            f"activation checkpointing {'on' if checkpointing else 'off'} (auto): the estimate is "
+            f"{format_gib(without)} per process without it and {format_gib(with_)} with it, against "
+            + ("an unknown memory" if usable is None else f"{format_gib(usable)} usable")
+            + f" ({where}, {HEADROOM:.0%} headroom)"
+        )
+    total = rest + acts.counted(checkpointing)
     fits = None if device_memory is None else total <= device_memory * (1 - HEADROOM)
     return MemoryEstimate(
         model=cfg.model.hf_model_id,
@@ -291,6 +333,7 @@ def _compute(
         total=int(total),
         device_memory=device_memory,
         fits=fits,
+        auto_reason=auto_reason,
     )
 
 
@@ -334,7 +377,7 @@ def _advice(cfg: PipelineConfig, shape: ModelShape, target: Target, memory: int)
         return _compute(cfg.replace(**changes), shape, target, memory).total
 
     options: list[tuple[str, int]] = []
-    if not ds.activation_checkpointing:
+    if ds.activation_checkpointing is False:
         options.append(("activation_checkpointing: true", total(activation_checkpointing=True)))
     for mb in range(t.micro_batch_size - 1, 0, -1):
         if total(micro_batch_size=mb) <= usable or mb == 1:
@@ -380,6 +423,21 @@ def plan(cfg: PipelineConfig) -> MemoryEstimate:
     if result.fits is False and memory is not None:
         result = _with_advice(result, _advice(cfg, shape, target, memory))
     return result
+
+
+def resolve_activation_checkpointing(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with ``activation_checkpointing: auto`` replaced by what the estimate chooses (logged with both
+    totals); on, with a warning, when the model's configuration cannot be estimated. Other values pass."""
+    if cfg.dist.activation_checkpointing != "auto":
+        return cfg
+    try:
+        target = _target(cfg)
+        result = _compute(cfg, model_shape(cfg), target, _device_memory(cfg, target.device))
+    except (ModelConfigUnavailable, EstimateError) as err:
+        log.warning("activation checkpointing on (auto): the memory could not be estimated (%s)", err)
+        return cfg.replace(activation_checkpointing=True)
+    log.info("%s", result.auto_reason)
+    return cfg.replace(activation_checkpointing=result.activation_checkpointing)
 
 
 def _with_advice(result: MemoryEstimate, advice: tuple[str, ...]) -> MemoryEstimate:

@@ -42,7 +42,7 @@ def _rows(est: MemoryEstimate) -> list[tuple[str, str, str]]:
     elif lay.unsharded == "all":
         buffers = "SHARD_GRAD_OP keeps every unit unsharded between forward and backward"
     elif "DDP" in lay.description:
-        buffers = "DDP gradient buckets (a copy of the gradients)"
+        buffers = "none: the gradients are views into DDP's all-reduce buckets"
     elif est.fsdp_buffers:
         buffers = (
             f"a full {_dtype(lay.gather_dtype)} copy of the parameters (FSDP mixed precision, no sharding)"
@@ -122,6 +122,8 @@ def print_estimate(est: MemoryEstimate, file: TextIO | None = None) -> None:
         table.add_row(name, value, note, style=style, end_section=name == "framework overhead")
     console.print(table)
     console.print(_verdict(est))
+    if est.auto_reason:
+        console.print(est.auto_reason[0].upper() + est.auto_reason[1:])
     if est.advice:
         console.print("What would make it fit (each change alone, its total):")
         for tip in est.advice:

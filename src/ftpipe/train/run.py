@@ -24,6 +24,7 @@ from ftpipe.config.paths import check_output_folder
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.devices import leave_process_group
 from ftpipe.errors import StoppedResumable
+from ftpipe.estimate.memory import resolve_activation_checkpointing
 from ftpipe.model.load import check_4bit_support
 from ftpipe.train.faults import Faults
 from ftpipe.train.heartbeat import is_timeout, timeout_error
@@ -113,6 +114,7 @@ def train(cfg: PipelineConfig) -> TrainResult:
     from ftpipe.train.trainer import build_trainer
 
     cfg = validate_config(cfg)
+    cfg = resolve_activation_checkpointing(cfg)  # the same choice on every rank: config and machine only
     # Lightning saves ``last`` into the same distributed-checkpoint folder again: expected, not a problem.
     warnings.filterwarnings("ignore", message="Detected an existing checkpoint in", category=UserWarning)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)

@@ -31,6 +31,7 @@ from ftpipe.train.callbacks import (
 )
 from ftpipe.train.faults import NO_FAULTS, Faults
 from ftpipe.train.heartbeat import Heartbeat
+from ftpipe.train.profile import StepProfiler
 from ftpipe.train.resume import RngStates
 from ftpipe.train.step import OptimizerStep
 from ftpipe.train.stop import GracefulStop
@@ -178,6 +179,8 @@ def build_callbacks(
     callbacks.append(RngStates())
     callbacks.append(CheckpointRoom(lambda: checkpoint.dirpath))
     callbacks.append(Tracking(cfg, lambda: checkpoint.dirpath, metrics_path))
+    if t.profile_dir is not None:
+        callbacks.append(StepProfiler(t.profile_dir))
     return callbacks, checkpoint, metrics, folders
 
 
