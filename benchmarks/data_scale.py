@@ -134,14 +134,8 @@ def _step(
     vs_trl, cmd: list[str], log_path: Path, env: dict[str, str], result: Path | None = None
 ) -> dict[str, Any]:
     """Run one step in a subprocess with its memory polled; its exit code, wall time and peaks."""
-    saved = dict(os.environ)
-    os.environ.update(env)
     anon: dict[int, float] = {}
-    try:
-        code, wall, peaks = vs_trl.run_child(cmd, log_path, lambda argv: True, anon)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    code, wall, peaks = vs_trl.run_child(cmd, log_path, lambda argv: True, anon, env)
     record: dict[str, Any] = {
         "exit_code": code,
         "wall_s": wall,

@@ -308,10 +308,12 @@ def run_child(
     log_path: Path,
     is_trainer: Callable[[list[str]], bool],
     anon_peaks: dict[int, float] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, float, list[tuple[int, float]]]:
-    """Run ``cmd`` with its output in ``log_path`` while polling memory; (exit code, seconds, peak GiB of
-    each training process). ``anon_peaks``, when given, receives the polled anonymous peak (GiB) of each."""
-    env = {**os.environ, **CHILD_ENV}
+    """Run ``cmd`` (with ``env`` added to the environment) with its output in ``log_path`` while polling
+    memory; (exit code, seconds, peak GiB of each training process). ``anon_peaks``, when given, receives
+    the polled anonymous peak (GiB) of each."""
+    env = {**os.environ, **CHILD_ENV, **(env or {})}
     start = time.monotonic()
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

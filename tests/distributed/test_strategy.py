@@ -127,7 +127,8 @@ def test_fsdp1_options_follow_the_config(bf16_gpu):
 def test_ddp_and_single(no_cuda):
     ddp = build_strategy(_cfg(strategy="ddp"), set())
     assert type(ddp) is DDPStrategy
-    assert ddp._ddp_kwargs == {"find_unused_parameters": False}
+    # the gradients are views into the all-reduce buckets: no second copy of them
+    assert ddp._ddp_kwargs == {"find_unused_parameters": False, "gradient_as_bucket_view": True}
     assert ddp._timeout == timedelta(seconds=123)
     assert ddp.process_group_backend == "gloo"
     single = build_strategy(_cfg(strategy="single", gpus_per_node=1), set())

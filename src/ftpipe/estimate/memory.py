@@ -431,8 +431,7 @@ def resolve_activation_checkpointing(cfg: PipelineConfig) -> PipelineConfig:
     if cfg.dist.activation_checkpointing != "auto":
         return cfg
     try:
-        target = _target(cfg)
-        result = _compute(cfg, model_shape(cfg), target, _device_memory(cfg, target.device))
+        result = plan(cfg)
     except (ModelConfigUnavailable, EstimateError) as err:
         log.warning("activation checkpointing on (auto): the memory could not be estimated (%s)", err)
         return cfg.replace(activation_checkpointing=True)

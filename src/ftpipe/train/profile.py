@@ -44,7 +44,7 @@ class StepProfiler(Callback):
             if torch.cuda.is_available() and pl_module.device.type == "cuda":
                 activities.append(ProfilerActivity.CUDA)
             self._profiler = profile(activities=activities, record_shapes=False)
-            self._profiler.__enter__()
+            self._profiler.start()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -63,7 +63,7 @@ class StepProfiler(Callback):
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        prof.__exit__(None, None, None)
+        prof.stop()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         events = prof.key_averages()
         tables = [events.table(sort_by="self_cpu_time_total", row_limit=TOP_OPERATORS)]
