@@ -718,6 +718,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"(lowest: {min(report['peak_tflops_samples']):.3f}; 1 thread at the start: "
         f"{report['peak_tflops_1_thread']:.3f}); model FLOPs (4 N_total + 2 N_trainable) per real token",
         "- peak RSS: VmHWM of each training process, polled from /proc for both sides",
+        "- malloc: "
+        + (
+            f"GLIBC_TUNABLES={report['settings']['glibc_tunables']} for both sides"
+            if report["settings"].get("glibc_tunables")
+            else "each side's default (the ftpipe command starts with glibc's tcache and fast bins off, "
+            "ftpipe.utils.allocator; TRL with glibc's defaults)"
+        ),
         f"- load average (1 min) before the runs: {report['loadavg_start']:.2f}, after: {report['loadavg_end']:.2f}",
         "",
         "## Targets (ftpipe-packed)",
@@ -874,6 +881,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 **{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()},
                 "ftpipe_accumulation": settings.accumulation(settings.ftpipe_processes),
                 "trl_accumulation": settings.accumulation(settings.trl_processes),
+                # set for the whole invocation, both sides run with it (ftpipe's command then keeps it)
+                "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             },
             "summary": summary,
             "targets": targets(summary),

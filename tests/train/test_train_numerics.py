@@ -113,8 +113,11 @@ def _split_label_tokens(run) -> int:
 @pytest.mark.timeout(600)
 def test_profile_and_the_checkpointing_choice_of_the_reference_run(reference):
     """``profile_dir``: the operators of two profiled batches by self time, and a trace; ``auto``
-    checkpointing (the default) is off for a model this small, with both estimates in the log."""
+    checkpointing (the default) is off for a model this small, with both estimates in the log; the command
+    started over with ftpipe's malloc tunables (glibc)."""
     import re
+
+    from ftpipe.utils.allocator import uses_glibc
 
     log = reference.log()
     folder = Path(re.search(r"profile_dir: (\S+)", (reference.root / "config.yaml").read_text()).group(1))
@@ -124,6 +127,8 @@ def test_profile_and_the_checkpointing_choice_of_the_reference_run(reference):
     line = next(x for x in log.splitlines() if "(auto)" in x)
     assert "activation checkpointing off (auto): the estimate is" in line and "with it" in line
     assert re.search(r"activation_checkpointing: false", (reference.root / "config.yaml").read_text())
+    if uses_glibc():
+        assert "glibc malloc without tcache and fast bins" in log
 
 
 @pytest.mark.timeout(600)

@@ -59,7 +59,30 @@ def test_param_groups_decay_matrices_only_and_skip_frozen():
     assert sorted(p.numel() for p in by_name["no_decay"]["params"]) == [2, 3, 3, 3]
     optimizer = build_optimizer(groups, TrainConfig(adam_beta1=0.8, adam_beta2=0.9), "cpu")
     assert optimizer.defaults["betas"] == (0.8, 0.9)
-    assert optimizer.defaults["fused"] is False
+    assert optimizer.defaults["fused"] is True  # the fused kernel on the CPU too
+
+
+@pytest.mark.timeout(30)
+def test_fused_adamw_on_the_cpu_matches_the_per_tensor_one():
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(8, 4)
+    fused = torch.nn.Linear(8, 4)
+    fused.load_state_dict(ref.state_dict())
+    start = ref.weight.detach().clone()
+    train = TrainConfig(learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.95)
+    opts = [
+        torch.optim.AdamW(param_groups(ref.named_parameters(), 0.1), lr=1e-2, betas=(0.9, 0.95), fused=False),
+        build_optimizer(param_groups(fused.named_parameters(), 0.1), train, "cpu"),
+    ]
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model, opt in zip((ref, fused), opts, strict=True):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(ref.parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(fused.weight, start)  # the steps did move the weights
 
 
 @pytest.mark.timeout(30)

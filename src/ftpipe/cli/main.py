@@ -31,6 +31,7 @@ from ftpipe.config import ConfigError, PipelineConfig, config_to_yaml, validate_
 from ftpipe.config.paths import folder_error, results_root
 from ftpipe.config.schema import SECTIONS
 from ftpipe.errors import FtpipeError
+from ftpipe.utils.allocator import reexec_with_tunables
 from ftpipe.utils.logging import add_log_file, get_logger, global_rank, remove_log_file, setup_logging
 
 log = get_logger(__name__)
@@ -318,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings, the resolved configuration) goes to the run's log file, ``<results_root>/logs/``
     (``--verbose`` shows it all on the console too).
     """
+    if argv is None:  # the console command (not a call from Python): malloc settings for its processes
+        reexec_with_tunables()
     argv = list(sys.argv[1:] if argv is None else argv)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     log_path = Path(tempfile.gettempdir()) / f"ftpipe-{stamp}-{os.getpid()}.log"

@@ -352,6 +352,9 @@ class DistConfig:
         activation_checkpointing: non-reentrant checkpointing of every decoder layer; ``auto`` turns it
             on only when ``ftpipe estimate`` says the run would not fit without it (the GPU's memory, or
             on the CPU the host's memory shared by the node's processes), and logs both estimates.
+        recompute_elementwise: keep the inputs of the MLP's activation function and of the LoRA dropout
+            instead of their outputs, and recompute those in the backward pass (``ftpipe.model.recompute``):
+            less activation memory for a few elementwise operations more.
         fsdp_mixed_precision: FSDP mixed-precision policy (params, reduce and buffers in the
             compute dtype); only meaningful with a 16-bit precision.
         limit_all_gathers: FSDP1 rate limiter for all-gathers.
@@ -367,6 +370,7 @@ class DistConfig:
     sharding_strategy: ShardingStrategy = "FULL_SHARD"
     cpu_offload: bool = False
     activation_checkpointing: bool | Literal["auto"] = "auto"
+    recompute_elementwise: bool = True
     fsdp_mixed_precision: bool = True
     limit_all_gathers: bool = True
     sync_module_states: bool = True

@@ -10,12 +10,13 @@ docs/estimate.md). Per token, with ``a`` the bytes of the compute dtype:
 - attention: sdpa and flash-attention keep q, k, v, the output and the log-sum-exp; sdpa with a padding
   mask repeats k and v to every head (grouped-query attention); eager keeps q and the repeated k, v plus
   the softmax probabilities ``heads x seq_len`` in fp32 per token (the s^2 term);
-- a gated MLP (SwiGLU) keeps the gate, its activation and the up projection: ``3 x intermediate x a``;
+- a gated MLP (SwiGLU) keeps the gate, its activation and the up projection: ``3 x intermediate x a``, or
+  ``2 x`` with ``recompute_elementwise`` (the activation is recomputed from the gate, ``ftpipe.model.recompute``);
 - frozen linears keep nothing (only their weights, which are not activations); a trainable one keeps its
   input (once per group of linears reading the same input);
 - a LoRA adapter keeps its dropout mask (1 byte per element: ``ftpipe.model.dropout``) and the dropped-out
-  input (``in_features x a``; with dropout 0 the shared input once per group), and the ``r``-wide
-  intermediate.
+  input (``in_features x a``; with dropout 0, or on the CPU with ``recompute_elementwise``, the shared input
+  once per group instead), and the ``r``-wide intermediate.
 
 Activation checkpointing keeps each layer's input (``hidden x a``) and recomputes one layer at a time in the
 backward pass. The loss keeps fp32 log-probabilities over the vocabulary and, in its backward pass, their
@@ -78,8 +79,11 @@ def _attention_per_token(shape: ModelShape, attn: str, seq_len: int, a: int) -> 
     return 4 * q * a + heads * 4
 
 
-def _linears_per_token(shape: ModelShape, a: int, mask_bytes: int) -> tuple[int, int]:
-    """(base, LoRA) bytes per token that the layer's linear modules keep."""
+def _linears_per_token(
+    shape: ModelShape, a: int, mask_bytes: int, dropout_input_shared: bool
+) -> tuple[int, int]:
+    """(base, LoRA) bytes per token that the layer's linear modules keep; ``dropout_input_shared``: the
+    dropped-out input is recomputed from the (shared) input and the mask."""
     base = lora = 0
     trainable_groups = {lin.input_group for lin in shape.linears if lin.trainable}
     for group in trainable_groups:  # a trainable weight needs its input for the weight gradient
@@ -90,8 +94,11 @@ def _linears_per_token(shape: ModelShape, a: int, mask_bytes: int) -> tuple[int,
             continue
         lora += lin.lora_rank * a  # the r-wide intermediate, kept for lora_B's weight gradient
         if lin.lora_dropout > 0:
-            lora += lin.in_features * (a + mask_bytes)  # dropout mask + dropped-out input for lora_A
-        elif lin.input_group not in trainable_groups and lin.input_group not in shared_inputs:
+            lora += lin.in_features * mask_bytes
+            if not dropout_input_shared:
+                lora += lin.in_features * a  # the dropped-out input for lora_A's weight gradient
+                continue
+        if lin.input_group not in trainable_groups and lin.input_group not in shared_inputs:
             shared_inputs.add(lin.input_group)
             lora += lin.in_features * a  # lora_A keeps the input the base layer reads too
     return base, lora
@@ -106,6 +113,7 @@ def activation_bytes(
     attn: str,
     device: str,
     loss_chunk_size: int,
+    recompute_elementwise: bool = True,
 ) -> Activations:
     """Peak activation memory of one micro-batch of ``micro_batch_size x seq_len`` tokens.
 
@@ -117,14 +125,16 @@ def activation_bytes(
         attn: attention implementation (``sdpa``, ``flash_attention_2`` or ``eager``).
         device: ``cuda`` or ``cpu``.
         loss_chunk_size: positions per loss chunk (0: every position at once).
+        recompute_elementwise: the activation outputs (and on the CPU the LoRA dropout outputs) are
+            recomputed in the backward pass (``ftpipe.model.recompute``).
     """
     a = compute_bytes
     tokens = micro_batch_size * seq_len
     mask_bytes = 1  # a boolean mask on every device (ftpipe.model.dropout.LoraDropout on the CPU)
     full_ft_norms = any(lin.trainable for lin in shape.linears)
     norms = sum(n * 4 + (n * a if full_ft_norms else 0) for n in shape.norm_elements)
-    mlp = (3 if shape.gated_mlp else 1) * shape.intermediate_size * a
-    linears, lora = _linears_per_token(shape, a, mask_bytes)
+    mlp = ((2 if recompute_elementwise else 3) if shape.gated_mlp else 1) * shape.intermediate_size * a
+    linears, lora = _linears_per_token(shape, a, mask_bytes, recompute_elementwise and device == "cpu")
     per_token = norms + _attention_per_token(shape, attn, seq_len, a) + mlp + linears + lora
     layer = per_token * tokens
     lora_layer = lora * tokens

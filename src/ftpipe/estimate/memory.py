@@ -296,6 +296,7 @@ def _compute(
         attn=target.attn_implementation,
         device=target.device,
         loss_chunk_size=cfg.train.loss_chunk_size,
+        recompute_elementwise=cfg.dist.recompute_elementwise,
     )
     buffers = _fsdp_buffers(shape, layout, cfg, target.precision)
     overhead = CUDA_OVERHEAD_BYTES if target.device == "cuda" else 0

@@ -5,13 +5,18 @@ mask for the backward pass: on the 2-core development machine it took about 16% 
 the embedded model (``torch.profiler``: ``aten::bernoulli_``), ten times the adapters' own matmuls.
 :class:`LoraDropout` draws 64 random bits per four elements, drops an element when its 16 bits fall below
 ``p`` (``p`` rounded to a multiple of 1/65536), and keeps a one-byte mask: about three times faster, and
-3 bytes less memory per element. On CUDA it calls PyTorch's fused dropout (fast, with a one-byte mask
+3 bytes less memory per element; the dropped-out input that ``lora_A`` keeps is recomputed from the input and
+the mask in the backward pass (``ftpipe.model.recompute``). On CUDA it calls PyTorch's fused dropout (fast, with a one-byte mask
 already). Both draw from torch's default generator, so ``seed`` makes a run repeatable.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+
+from ftpipe.model.recompute import recomputable
 
 #: Resolution of the drop probability: an element's 16 random bits against ``round(p * 65536)``.
 LEVELS = 1 << 16
@@ -41,6 +46,11 @@ class _MaskedScale(torch.autograd.Function):
         return grad.mul(mask).mul_(ctx.scale), None, None
 
 
+def masked_scale(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x * mask * scale`` without autograd (the recomputation of a dropped-out input)."""
+    return x.mul(mask).mul_(scale)
+
+
 class LoraDropout(torch.nn.Module):
     """Inverted dropout with probability ``p`` (a drop-in for ``torch.nn.Dropout`` inside PEFT's layers)."""
 
@@ -56,7 +66,10 @@ class LoraDropout(torch.nn.Module):
         if x.device.type != "cpu":
             return torch.nn.functional.dropout(x, self.p, training=True)
         keep = keep_mask(x.shape, self.p, x.device)
-        return _MaskedScale.apply(x, keep, 1.0 / (1.0 - round(self.p * LEVELS) / LEVELS))
+        scale = 1.0 / (1.0 - round(self.p * LEVELS) / LEVELS)
+        # lora_A keeps its input for its weight gradient: under ftpipe.model.recompute.recompute_saved it
+        # keeps x (shared by the adapters that read it) and the mask instead of the dropped-out copy
+        return recomputable(_MaskedScale.apply(x, keep, scale), partial(masked_scale, scale=scale), x, keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

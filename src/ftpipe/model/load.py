@@ -21,6 +21,7 @@ from ftpipe.config.validate import ConfigError
 from ftpipe.model.embedded import resolve_model_path
 from ftpipe.model.errors import ModelLoadError, load_hint, short_reason
 from ftpipe.model.lora import apply_lora
+from ftpipe.model.recompute import recompute_activation_outputs
 from ftpipe.model.stats import log_parameter_stats
 from ftpipe.runtime import accelerator_name, compute_dtype, precision_and_reason, select_attn_implementation
 from ftpipe.utils.logging import get_logger
@@ -208,6 +209,8 @@ def prepare_for_finetuning(
     """LoRA or full fine-tuning, then the parameter statistics. ``announce=False`` gives a rank's reference
     copy the same adapters (same names and shapes) without logging twice."""
     lora = cfg.model.finetuning == "lora"
+    if cfg.dist.recompute_elementwise:
+        recompute_activation_outputs(model)  # used by training under ftpipe.model.recompute.recompute_saved
     if not announce:
         return apply_lora(model, cfg, announce=False) if lora else model
     if lora:

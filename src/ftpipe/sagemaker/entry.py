@@ -33,6 +33,7 @@ from ftpipe.config.paths import LOCAL_DATA_SUFFIXES
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.build import SPLIT_FILES
 from ftpipe.errors import FtpipeError
+from ftpipe.utils.allocator import reexec_with_tunables
 from ftpipe.utils.logging import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -208,6 +209,8 @@ def run_job(argv: Sequence[str] | None = None, environ: dict[str, str] | None = 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry: errors a user can act on end the job with their message and exit status."""
+    if argv is None:  # the job's own process (not a call from Python): malloc settings for its processes
+        reexec_with_tunables()
     setup_logging()
     try:
         run_job(sys.argv[1:] if argv is None else argv)

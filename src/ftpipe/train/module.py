@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -50,6 +51,7 @@ import torch
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.errors import DataError
 from ftpipe.data.tokenize import IGNORE_INDEX
+from ftpipe.model.recompute import recompute_saved
 from ftpipe.train.faults import NO_FAULTS, Faults
 from ftpipe.train.loss import ChunkedLossHead, check_model_numerics, shifted_token_loss_sum
 from ftpipe.train.optim import (
@@ -187,14 +189,17 @@ class SFTModule(pl.LightningModule):
             "position_ids": batch.get("position_ids"),
             "use_cache": False,
         }
+        # cheap elementwise outputs are kept as their inputs and recomputed in the backward pass
+        saved = recompute_saved() if self.cfg.dist.recompute_elementwise else nullcontext()
         if self._loss_head is not None:
-            with self._loss_head.targets(batch["labels"]):
+            with saved, self._loss_head.targets(batch["labels"]):
                 return model(**inputs).logits.reshape(())
-        out = model(
-            **inputs,
-            labels=batch["labels"],
-            num_items_in_batch=1,  # the model's loss function then returns the sum over tokens
-        )
+        with saved:
+            out = model(
+                **inputs,
+                labels=batch["labels"],
+                num_items_in_batch=1,  # the model's loss function then returns the sum over tokens
+            )
         if self._model_sums_loss is None:  # checked once: a model that ignores it would average
             with torch.no_grad():
                 reference = shifted_token_loss_sum(out.logits, batch["labels"])

