@@ -1,6 +1,7 @@
 """ftpipe.model.recompute: the LoRA dropout's output and the MLP activation's output are kept as recipes and
-recomputed in the backward pass: the same gradients to the bit, exactly the expected bytes less, views of a
-recomputed tensor rebuilt with their layout, and an input changed in place is an error."""
+recomputed in the backward pass: the same gradients to the bit, the expected bytes less, views of a
+recomputed tensor rebuilt with their layout, an input changed in place is an error, a marked tensor changed
+in place is kept, and autograd's check of kept tensors for in-place changes still holds."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _step(
             packed = pack(t)
             if isinstance(packed, recompute._Recipe):
                 recipes.append(packed)
-            for kept in packed.inputs if isinstance(packed, recompute._Recipe) else (packed,):
+            for kept in packed.inputs if isinstance(packed, recompute._Recipe) else packed[:1]:
                 count(kept)
             return packed
 
@@ -124,7 +125,8 @@ def test_views_rebuilt_with_their_layout_and_in_place_changes_refused():
         rebuilt = recompute._unpack(packed)
         assert torch.equal(rebuilt, view) and rebuilt.stride() == view.stride()
         plain = torch.randn(3)
-        assert recompute._pack(plain) is plain
+        kept, version = recompute._pack(plain)
+        assert kept is plain and version == plain._version
         # an input changed in place after the recipe was made
         w = torch.randn(5)
         z = recomputable(w.exp(), torch.exp, w)
@@ -133,3 +135,34 @@ def test_views_rebuilt_with_their_layout_and_in_place_changes_refused():
         w.add_(1.0)
         with pytest.raises(RuntimeError, match="recompute_elementwise: false"):
             recompute._unpack(packed)
+
+
+@pytest.mark.timeout(60)
+def test_in_place_changes_are_kept_or_refused_as_autograd_does():
+    x = torch.randn(5, requires_grad=True)
+    c = torch.randn(5)
+    # autograd refuses a kept tensor changed in place; its check still holds under the hooks
+    with recompute_saved():
+        y = x.sigmoid()  # keeps its output
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    # a marked tensor changed in place before it is saved is kept, not recomputed from its recipe
+    w = torch.randn(5, requires_grad=True)
+    reference = torch.autograd.grad((x.sin() * 2 * w).sum(), (x, w))
+    with recompute_saved():
+        a = recomputable(x.sin(), torch.sin, x.detach())  # sin keeps its input, not its output
+        a.mul_(2)
+        out = (a * w).sum()  # keeps a (for w's gradient), at version 1
+    for got, want in zip(torch.autograd.grad(out, (x, w)), reference, strict=True):
+        torch.testing.assert_close(got, want)
+    # an in-place activation is not marked: its output is its (changed) input
+    act = torch.nn.SiLU(inplace=True)
+    recompute.recompute_activation_outputs(act)
+    h = x * 1.0
+    with recompute_saved():
+        g = act(h)
+        out = (g * c).sum()
+    assert not hasattr(g, recompute._RECIPE)
+    expected = torch.autograd.grad((torch.nn.functional.silu(x) * c).sum(), x)[0]
+    torch.testing.assert_close(torch.autograd.grad(out, x)[0], expected)
