@@ -17,6 +17,8 @@ USER_SETTINGS = {
     "FTPIPE_MAX_NEW_TOKENS_LIMIT": "model/serving_handler.py",
     "FTPIPE_DEVICE_MAP": "model/serving_handler.py",
     "FTPIPE_TRUST_REMOTE_CODE": "model/serving_handler.py",
+    # glibc's malloc defaults instead of ftpipe's tunables: read before any configuration exists
+    "FTPIPE_DEFAULT_MALLOC": "utils/allocator.py",
 }
 
 
@@ -62,6 +64,9 @@ OTHER_PRIVATE = {
     "_attn_implementation": "transformers: the attention kernel a model config carries",
     "_create_training_job_args": "SageMaker SDK: the request a dry run prints (sagemaker/sdk.py)",
     "_latest_training_job": "SageMaker SDK: the submitted job (sagemaker/sdk.py)",
+    "_version": "torch: a tensor's in-place version counter, what autograd checks saved tensors against "
+    "(model/recompute.py checks a recipe's inputs the same way)",
+    "_base": "torch: the tensor a view was made from (model/recompute.py rebuilds views of a recomputed tensor)",
 }
 #: Lightning internals that subclasses reach through ``self``: only ftpipe/compat.py may name them.
 LIGHTNING_INTERNALS = {

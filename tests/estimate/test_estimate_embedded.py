@@ -256,3 +256,28 @@ def model_shape_of(folder):
     from ftpipe.estimate.shape import model_shape
 
     return model_shape(PipelineConfig.from_flat({"hf_model_id": str(folder)}))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_recompute_elementwise_is_counted_exactly(embedded_model_path, device):
+    """With ``recompute_elementwise`` a layer keeps, per token, one intermediate-wide tensor less (the
+    activation's output) and on the CPU two hidden-wide copies less for q, k, v and one for gate, up (the
+    shared input once instead of a dropped-out copy per adapter, ftpipe.model.recompute)."""
+    from ftpipe.config import PipelineConfig
+    from ftpipe.estimate.activations import activation_bytes
+    from ftpipe.estimate.shape import model_shape
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = PipelineConfig.from_flat(
+        {"hf_model_id": str(embedded_model_path), "lora_dropout": 0.1, "lora_target_modules": targets}
+    )
+    shape = model_shape(cfg)
+    kwargs = dict(
+        micro_batch_size=2, seq_len=256, compute_bytes=4, attn="sdpa", device=device, loss_chunk_size=256
+    )
+    on = activation_bytes(shape, recompute_elementwise=True, **kwargs)
+    off = activation_bytes(shape, recompute_elementwise=False, **kwargs)
+    per_token = shape.intermediate_size + (3 * shape.hidden_size if device == "cpu" else 0)
+    assert off.layer - on.layer == 2 * 256 * 4 * per_token
+    assert off.without_checkpointing - on.without_checkpointing == shape.num_layers * (off.layer - on.layer)
