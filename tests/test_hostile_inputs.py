@@ -826,7 +826,28 @@ RUN_CASES = [
     ),
 ]
 
-CASES = CONFIG_CASES + DATA_CASES + EXPORT_CASES + ESTIMATE_CASES + SAGEMAKER_CASES + RUN_CASES
+# Runs meeting each other and the inputs of the never-cross-wire round, one list per area.
+#: run identity, ownership, locks, resume compatibility, stale exports (train / export / evaluate / run)
+RUNS_MEET_CASES: list[Case] = []
+#: prepared data keyed by the source's identity, data_dir inside the data set, prepared_dir checks
+PREPARED_DATA_CASES: list[Case] = []
+#: user files and code: templates, nested JSON, converters raising BaseException, odd paths
+USER_INPUT_CASES: list[Case] = []
+#: configuration values, YAML forms, seeds, estimate, export files, SageMaker dry run
+CONFIG_TOOL_CASES: list[Case] = []
+
+CASES = (
+    CONFIG_CASES
+    + DATA_CASES
+    + EXPORT_CASES
+    + ESTIMATE_CASES
+    + SAGEMAKER_CASES
+    + RUN_CASES
+    + RUNS_MEET_CASES
+    + PREPARED_DATA_CASES
+    + USER_INPUT_CASES
+    + CONFIG_TOOL_CASES
+)
 
 
 def test_the_suite_is_large_and_its_ids_unique():
