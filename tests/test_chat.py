@@ -83,3 +83,50 @@ def test_one_prompt_for_scripts_with_a_system_prompt(embedded_model_path, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("model> ") and "Paris" in proc.stdout
+
+
+def _tiny_args(model) -> list[str]:
+    return [*_args(str(model)), "--hf_model_id", str(model), "--max_new_tokens", "2"]
+
+
+def test_a_piped_line_that_is_not_utf8_stops_the_chat_naming_the_line(tiny_llama, tmp_path):
+    """Piped input: the first line is answered; the second, not UTF-8, stops the chat with one message
+    (exit 2) instead of reaching the model mangled."""
+    proc = subprocess.run(
+        [sys.executable, *_tiny_args(tiny_llama)],
+        cwd=tmp_path,
+        env=_env(),
+        input=b"hello\ncaf\xe9 \xff\n/exit\n",
+        capture_output=True,
+        timeout=180,
+    )
+    out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    assert proc.returncode == 2, err[-2000:]
+    assert out.count("model> ") == 1 and "Traceback" not in out + err
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, err[-2000:]
+    assert "standard input: line 2 is not UTF-8 text (byte 0xe9 at byte 4)" in errors[0]
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_a_typed_line_that_is_not_utf8_stops_the_chat(tiny_llama, tmp_path, errors):
+    """A terminal whose input is not UTF-8 (decoded strictly, or with surrogate escapes)."""
+    child = pexpect.spawn(
+        sys.executable,
+        _tiny_args(tiny_llama),
+        cwd=str(tmp_path),
+        env={**_env(), "PYTHONIOENCODING": f"utf-8:{errors}"},
+        timeout=180,
+    )
+    try:
+        child.expect_exact(b"you> ")
+        child.sendline(b"hello")
+        child.expect_exact(b"model> ")
+        child.expect_exact(b"you> ")
+        child.send(b"caf\xe9\r")
+        child.expect(b"standard input: line 2 is not UTF-8 text")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 2, child.before
+    assert b"Traceback" not in child.before

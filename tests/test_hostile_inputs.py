@@ -94,7 +94,43 @@ def converter_module(body: str) -> Callable[[Path], None]:
     return both(write("convmods/hostile_conv.py", body), jsonl("good.jsonl", GOOD_ROWS))
 
 
+def copy_tiny(rel: str) -> Callable[[Path], None]:
+    """A copy of the tiny Llama's folder (another model for ftpipe: another path)."""
+
+    def make(tmp: Path) -> None:
+        shutil.copytree(os.environ["FTPIPE_TEST_TINY"], tmp / rel)
+
+    return make
+
+
+def earlier_run(rel: str) -> Callable[[Path], None]:
+    """The results folder of an earlier run of the tiny Llama: its config.yaml and TensorBoard events."""
+
+    def make(tmp: Path) -> None:
+        from ftpipe.config.paths import model_slug
+
+        root = tmp / rel / model_slug(os.environ["FTPIPE_TEST_TINY"])
+        (root / "tb_logs" / "version_0").mkdir(parents=True)
+        (root / "tb_logs" / "version_0" / "events.out.tfevents.1.host").write_bytes(b"\x00events")
+        (root / "config.yaml").write_text("lora_rank: 4\n")
+
+    return make
+
+
 PREP = ["prepare", "--dataset", "{tmp}/good.jsonl", "--data_dir", "{tmp}/out"]
+TRAIN = [
+    "train",
+    "--hf_model_id",
+    "{model}",
+    "--dataset",
+    "{tmp}/good.jsonl",
+    "--data_dir",
+    "{tmp}/out",
+    "--gpus_per_node",
+    "1",
+    "--strategy",
+    "single",
+]
 GOOD = jsonl("good.jsonl", GOOD_ROWS)
 
 
@@ -828,13 +864,466 @@ RUN_CASES = [
 
 # Runs meeting each other and the inputs of the never-cross-wire round, one list per area.
 #: run identity, ownership, locks, resume compatibility, stale exports (train / export / evaluate / run)
-RUNS_MEET_CASES: list[Case] = []
+RUNS_MEET_CASES: list[Case] = [
+    Case(
+        "resume-other-lora-rank",
+        [*TRAIN, "--results_dir", "{tmp}/res", "--resume_from_checkpoint", "{ckpt}", "--lora_rank", "8"],
+        ["resume_from_checkpoint:", "lora_rank: the checkpoint was trained with 4, this run has 8"],
+        both(GOOD, earlier_run("res")),  # the earlier run's config.yaml and TensorBoard logs stay as they are
+        needs=("model",),
+    ),
+    Case(
+        "resume-other-model",
+        [
+            *TRAIN,
+            "--hf_model_id",
+            "{tmp}/othermodel",
+            "--results_dir",
+            "{tmp}/out/r",
+            "--resume_from_checkpoint",
+            "{ckpt}",
+            "--lora_rank",
+            "4",
+            "--lora_alpha",
+            "8",
+        ],
+        ["resume_from_checkpoint:", "hf_model_id: the checkpoint was trained with"],
+        both(GOOD, copy_tiny("othermodel")),
+        needs=("model",),
+    ),
+    Case(
+        "evaluate-export-dir-missing",
+        [
+            "evaluate",
+            "--hf_model_id",
+            "{model}",
+            "--dataset",
+            "{tmp}/good.jsonl",
+            "--data_dir",
+            "{tmp}/out",
+            "--results_dir",
+            "{tmp}/out/r",
+            "--export_dir",
+            "{tmp}/nope",
+        ],
+        ["export_dir:", "nope does not exist"],
+        GOOD,
+        needs=("model",),
+    ),
+    Case(
+        "evaluate-export-dir-adapter",
+        [
+            "evaluate",
+            "--hf_model_id",
+            "{model}",
+            "--dataset",
+            "{tmp}/good.jsonl",
+            "--data_dir",
+            "{tmp}/out",
+            "--results_dir",
+            "{tmp}/out/r",
+            "--export_dir",
+            "{tmp}/adapter",
+        ],
+        ["export_dir:", "holds no merged model"],
+        both(GOOD, write("adapter/adapter_config.json", "{}")),
+        needs=("model",),
+    ),
+    Case(
+        "run-foreign-export-dir",
+        [
+            "run",
+            "--hf_model_id",
+            "{model}",
+            "--dataset",
+            "{tmp}/good.jsonl",
+            "--data_dir",
+            "{tmp}/out",
+            "--results_dir",
+            "{tmp}/out/r",
+            "--gpus_per_node",
+            "1",
+            "--strategy",
+            "single",
+            "--export_dir",
+            "{tmp}/mine",
+        ],
+        ["export_dir:", "exists and is not an ftpipe export"],  # before any data is prepared or trained
+        both(GOOD, write("mine/thesis.tex", "\\documentclass{article}")),
+        needs=("model",),
+    ),
+    Case(
+        "export-unknown-run-id",
+        export("--run_id", "20260101-000000-abcdef"),
+        ["run_id: no run '20260101-000000-abcdef'", "(runs there: none)"],
+        needs=("model",),
+    ),
+    Case(
+        "export-run-id-path-missing",
+        export("--run_id", "{tmp}/runs/run-x.json"),
+        ["run_id:", "run-x.json does not exist"],
+        needs=("model",),
+    ),
+    Case(
+        "export-run-id-folder-without-runs",
+        export("--run_id", "{tmp}/empty"),
+        ["run_id:", "holds no ftpipe run manifest"],
+        write("empty/notes.txt", "x"),
+        needs=("model",),
+    ),
+    Case(
+        "export-run-manifest-broken",
+        export("--run_id", "{tmp}/run-x.json"),
+        ["run manifest", "run-x.json is not an ftpipe run manifest"],
+        write("run-x.json", "[1, 2]"),
+        needs=("model",),
+    ),
+]
 #: prepared data keyed by the source's identity, data_dir inside the data set, prepared_dir checks
-PREPARED_DATA_CASES: list[Case] = []
+PREPARED_DATA_CASES: list[Case] = [
+    Case(
+        "data-dir-inside-dataset-folder",
+        ["prepare", "--dataset", "{tmp}/raw", "--data_dir", "{tmp}/raw/prepared"],
+        [
+            "data_dir: ",
+            "/raw/prepared is inside the folder ",
+            "/raw of dataset",
+            "give data_dir a folder outside",
+        ],
+        jsonl("raw/good.jsonl", GOOD_ROWS),
+    ),
+    Case(
+        "data-dir-is-dataset-folder",
+        ["prepare", "--dataset", "{tmp}/raw/", "--data_dir", "{tmp}/raw"],
+        ["data_dir: ", "/raw is inside the folder ", "/raw of dataset"],
+        jsonl("raw/good.jsonl", GOOD_ROWS),
+    ),
+    Case(
+        "data-dir-inside-recursive-glob",
+        ["prepare", "--dataset", "{tmp}/raw/**/*.jsonl", "--data_dir", "{tmp}/raw/p"],
+        ["data_dir: ", "/raw/p is inside the folder ", "would be read back as source data"],
+        jsonl("raw/good.jsonl", GOOD_ROWS),
+    ),
+    Case(
+        "prepared-dir-raw-alpaca-rows",
+        ["prepare", "--prepared_dir", "{tmp}/raw", "--data_dir", "{tmp}/out"],
+        ["prepared_dir: ", "/raw/training.jsonl: line 1 has the keys", "point `dataset` at it instead"],
+        both(*(jsonl(f"raw/{name}.jsonl", GOOD_ROWS) for name in ("training", "validation", "test"))),
+    ),
+    Case(
+        "prepared-dir-not-objects",
+        ["prepare", "--prepared_dir", "{tmp}/raw", "--data_dir", "{tmp}/out"],
+        ["prepared_dir: ", "/raw/validation.jsonl: line 2 is a JSON list, not a prepared row"],
+        both(
+            jsonl("raw/training.jsonl", [{"id": 0, "source": "s", "input": "q", "output": "a"}]),
+            jsonl("raw/validation.jsonl", [{"id": 1, "source": "s", "input": "q", "output": "a"}, "[1, 2]"]),
+            write("raw/test.jsonl", ""),
+        ),
+    ),
+]
 #: user files and code: templates, nested JSON, converters raising BaseException, odd paths
-USER_INPUT_CASES: list[Case] = []
+USER_INPUT_CASES: list[Case] = [
+    Case(
+        "chat-template-syntax-error",
+        [
+            "inspect",
+            "--dataset",
+            "{tmp}/good.jsonl",
+            "--data_dir",
+            "{tmp}/out",
+            "--hf_model_id",
+            "{model}",
+            "--chat_template",
+            "{tmp}/t.jinja",
+        ],
+        ["chat_template:", "t.jinja: line 2: Jinja syntax error: unexpected '}'"],
+        both(GOOD, write("t.jinja", "{% for m in messages %}\n{{ m.content }\n{% endfor %}\n")),
+    ),
+    Case(
+        "chat-template-raise-exception",
+        [
+            "inspect",
+            "--dataset",
+            "{tmp}/good.jsonl",
+            "--data_dir",
+            "{tmp}/out",
+            "--hf_model_id",
+            "{model}",
+            "--chat_template",
+            "{tmp}/t.jinja",
+        ],
+        ["t.jinja: the template raised an error: this template renders nothing"],
+        both(GOOD, write("t.jinja", "{{ raise_exception('this template renders nothing') }}")),
+    ),
+    Case(
+        "chat-template-empty-file",
+        [
+            "inspect",
+            "--dataset",
+            "{tmp}/good.jsonl",
+            "--data_dir",
+            "{tmp}/out",
+            "--hf_model_id",
+            "{model}",
+            "--chat_template",
+            "{tmp}/t.jinja",
+        ],
+        ["t.jinja: the file is empty"],
+        both(GOOD, write("t.jinja", "\n  \n")),
+    ),
+    Case(
+        "chat-template-file-breaks-on-tools",
+        data("agent.jsonl", "--hf_model_id", "{model}", "--chat_template", "{tmp}/t.jinja"),
+        ["the chat template file", "t.jinja (chat_template) cannot render them", "UndefinedError"],
+        both(
+            write(
+                "t.jinja",
+                "{% for m in messages %}{{ m.content }}{% if m.tool_calls %}{{ m.tool_calls[0].no.such }}"
+                "{% endif %}{% endfor %}",
+            ),
+            jsonl(
+                "agent.jsonl",
+                [
+                    {
+                        "conversations": [
+                            {"from": "human", "value": "q"},
+                            {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
+                            {"from": "observation", "value": "r"},
+                            {"from": "gpt", "value": "done"},
+                        ],
+                        "tools": '[{"name": "f"}]',
+                    }
+                ],
+            ),
+        ),
+        needs=("model",),
+    ),
+    Case(
+        "deep-jsonl-row",
+        data("d.jsonl", "--on_bad_row", "fail"),
+        ["d.jsonl: line 2: bad row (too_deep): values nested more than 100 levels deep"],
+        write(
+            "d.jsonl",
+            json.dumps(ROW) + '\n{"instruction": "a", "input": ' + "[" * 100000 + "]" * 100000 + "}\n",
+        ),
+    ),
+    Case(
+        "deep-json-array-row",
+        data("d.json", "--on_bad_row", "fail"),
+        ["d.json: row 1: bad row (too_deep)"],
+        write("d.json", "[" + json.dumps(ROW) + ', {"x": ' + "[" * 100000 + "]" * 100000 + "}]"),
+    ),
+    Case(
+        "converter-sys-exit-0",
+        prep("--converter", "hostile_conv:f"),
+        ["good.jsonl: line 1: the converter hostile_conv:f called sys.exit (SystemExit: 0)"],
+        converter_module("import sys\n\ndef f(row):\n    sys.exit(0)\n"),
+    ),
+    Case(
+        "converter-keyboard-interrupt",
+        prep("--converter", "hostile_conv:f"),
+        ["good.jsonl: line 1: the converter hostile_conv:f raised KeyboardInterrupt"],
+        converter_module("def f(row):\n    raise KeyboardInterrupt\n"),
+    ),
+    Case(
+        "converter-base-exception",
+        prep("--converter", "hostile_conv:f"),
+        ["good.jsonl: line 1: the converter hostile_conv:f raised Stop: mine"],
+        converter_module("class Stop(BaseException):\n    pass\n\ndef f(row):\n    raise Stop('mine')\n"),
+    ),
+    Case(
+        "converter-import-keyboard-interrupt",
+        prep("--converter", "hostile_conv:f"),
+        ["converter hostile_conv:f: importing module 'hostile_conv' failed (KeyboardInterrupt"],
+        converter_module("raise KeyboardInterrupt\n"),
+    ),
+    Case(
+        "dataset-symlink-loop",
+        data("loop.jsonl"),
+        ["dataset: '", "loop.jsonl' is a symbolic link loop"],
+        lambda t: (
+            (t / "loop.jsonl").symlink_to(t / "back.jsonl"),
+            (t / "back.jsonl").symlink_to(t / "loop.jsonl"),
+        ),
+    ),
+    Case(
+        "dataset-dangling-symlink",
+        data("link.jsonl"),
+        ["link.jsonl' is a symbolic link to", "gone.jsonl, which does not exist"],
+        lambda t: (t / "link.jsonl").symlink_to(t / "gone.jsonl"),
+    ),
+    Case(
+        "dataset-fifo",
+        data("pipe.jsonl"),
+        ["pipe.jsonl' is a pipe", "not a regular file", "Save it to a file first"],
+        lambda t: os.mkfifo(t / "pipe.jsonl"),
+    ),
+    Case(
+        "evaluate-export-without-tokenizer",
+        [
+            "evaluate",
+            "--hf_model_id",
+            "{model}",
+            "--dataset",
+            "{tmp}/good.jsonl",
+            "--data_dir",
+            "{tmp}/out",
+            "--results_dir",
+            "{tmp}/out/r",
+            "--export_dir",
+            "{tmp}/prev",
+            "--eval_backend",
+            "transformers",
+        ],
+        ["export_dir:", "prev holds no tokenizer (tokenizer.json and tokenizer_config.json missing)"],
+        both(
+            GOOD, lambda t: [(t / "prev" / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")]
+        ),
+        needs=("model", "export"),
+    ),
+    Case(
+        "chat-export-without-tokenizer",
+        [
+            "chat",
+            "--hf_model_id",
+            "{model}",
+            "--model_dir",
+            "{tmp}/prev",
+            "--prompt",
+            "hi",
+            "--eval_backend",
+            "transformers",
+        ],
+        ["model_dir:", "prev holds no tokenizer (tokenizer.json and tokenizer_config.json missing)"],
+        lambda t: [(t / "prev" / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+        needs=("model", "export"),
+    ),
+    Case(
+        "chat-prompt-not-utf8",
+        [
+            "chat",
+            "--hf_model_id",
+            "{model}",
+            "--model_dir",
+            "{tmp}/prev",
+            "--prompt",
+            "caf\udce9",
+            "--eval_backend",
+            "transformers",
+        ],
+        ["prompt is not UTF-8 text (an invalid byte at character 4)"],
+        needs=("model", "export"),
+    ),
+]
+
+
+def model_config_without(*keys: str) -> Callable[[Path], None]:
+    """A folder ``badmodel`` holding the tiny Llama's config.json less ``keys``."""
+
+    def make(tmp: Path) -> None:
+        config = json.loads((Path(os.environ["FTPIPE_TEST_TINY"]) / "config.json").read_text())
+        (tmp / "badmodel").mkdir()
+        (tmp / "badmodel" / "config.json").write_text(
+            json.dumps({k: v for k, v in config.items() if k not in keys})
+        )
+
+    return make
+
+
 #: configuration values, YAML forms, seeds, estimate, export files, SageMaker dry run
-CONFIG_TOOL_CASES: list[Case] = []
+CONFIG_TOOL_CASES: list[Case] = [
+    Case(
+        "split-seed-negative", prep("--split_seed", "-1"), ["split_seed: -1 is outside 0..4294967295"], GOOD
+    ),
+    Case("seed-negative", prep("--seed", "-5"), ["seed: -5 is outside 0..4294967295"], GOOD),
+    Case(
+        "seed-beyond-32-bits",
+        prep("--seed", "4294967296"),
+        ["seed: 4294967296 is outside 0..4294967295"],
+        GOOD,
+    ),
+    Case(
+        "eval-seed-yaml-negative",
+        [*PREP, "--config", "{tmp}/bad.yaml"],
+        ["eval_seed: -1 is outside 0..4294967295"],
+        both(GOOD, yaml("eval_seed: -1\n")),
+    ),
+    Case(
+        "yaml-empty",
+        [*PREP, "--config", "{tmp}/bad.yaml"],
+        ["bad.yaml is empty", "leave out --config"],
+        both(GOOD, yaml("")),
+    ),
+    Case(
+        "yaml-only-comments",
+        [*PREP, "--config", "{tmp}/bad.yaml"],
+        ["bad.yaml is empty (or holds only comments)"],
+        both(GOOD, yaml("# max_steps: 5\n")),
+    ),
+    Case(
+        "yaml-merge-key-then-duplicate",
+        [*PREP, "--config", "{tmp}/bad.yaml"],
+        ["'name' is given twice (lines 4 and 5)"],
+        both(GOOD, yaml("datasets:\n  - &b {dataset: good.jsonl}\n  - <<: *b\n    name: x\n    name: y\n")),
+    ),
+    Case(
+        "yaml-text-for-float",
+        [*PREP, "--config", "{tmp}/bad.yaml"],
+        ["learning_rate: expected a number, got text ('1e-4x')"],
+        both(GOOD, yaml("learning_rate: 1e-4x\n")),
+    ),
+    Case(
+        "max-seq-length-1",
+        prep("--max_seq_length", "1"),
+        ["max_seq_length: 1 is too small (must be >= 3"],
+        GOOD,
+    ),
+    Case(
+        "estimate-no-hidden-size",
+        ["estimate", "--hf_model_id", "{tmp}/badmodel"],
+        [
+            "badmodel/config.json does not give hidden_size (model type llama)",
+            "add the key(s) to config.json",
+        ],
+        model_config_without("hidden_size"),
+        needs=("model",),
+    ),
+    Case(
+        "sm-region-malformed",
+        launch("--region", "mars-west-1"),
+        ["region: 'mars-west-1' is not an AWS region name"],
+    ),
+    Case(
+        "sm-region-unknown",
+        launch("--region", "xx-west-9"),
+        ["region: the SageMaker SDK", "no PyTorch training image in 'xx-west-9'"],
+    ),
+    Case(
+        "sm-user-arn-as-role",
+        launch("--role", "arn:aws:iam::123456789012:user/bob"),
+        ["role: 'arn:aws:iam::123456789012:user/bob' is not an IAM role ARN"],
+    ),
+    Case(
+        "sm-job-name-80-chars",
+        launch("--base_job_name", "my job/" * 11 + "abc"),
+        ["base_job_name: 'my job/", "has 80 characters; allowed: 1-48 letters, digits and dashes"],
+    ),
+    Case(
+        "sm-job-name-slash",
+        launch("--base_job_name", "my job/x"),
+        ["base_job_name: 'my job/x' makes the job name 'my job/x-", "which SageMaker refuses"],
+    ),
+    Case(
+        "sm-s3-no-bucket",
+        launch("--training_data_s3_uri", "s3://"),
+        ["training_data_s3_uri: 's3://' names no bucket"],
+    ),
+    Case(
+        "sm-s3-bad-bucket",
+        launch("--output_s3_uri", "s3://My_Bucket/out"),
+        ["output_s3_uri: 's3://My_Bucket/out': 'My_Bucket' is not an S3 bucket name"],
+    ),
+]
 
 CASES = (
     CONFIG_CASES
@@ -851,7 +1340,7 @@ CASES = (
 
 
 def test_the_suite_is_large_and_its_ids_unique():
-    assert len(CASES) >= 80
+    assert len(CASES) >= 160
     assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -919,11 +1408,14 @@ def previous_export(tmp_path_factory, tiny_llama, lora_checkpoint) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Path -> content hash of every file under ``root`` except the command's own ``out/``."""
+    """Path -> content hash of every file under ``root`` except the command's own ``out/`` and its own log
+    (``logs/ftpipe-<command>-<time>.log`` in a results folder)."""
     found = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if rel.parts[0] == "out" or not path.is_file():
+            continue
+        if rel.parent.name == "logs" and rel.name.startswith("ftpipe-") and rel.suffix == ".log":
             continue
         found[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
@@ -937,11 +1429,12 @@ def captured_log():
     setup_logging()
     handler = next(h for h in logging.getLogger().handlers if getattr(h, "_ftpipe", False))
     buffer = io.StringIO()
-    previous = handler.setStream(buffer)
+    # swapped without setStream's flush: an earlier test may have left it on a capture stream now closed
+    previous, handler.stream = handler.stream, buffer
     try:
         yield buffer
     finally:
-        handler.setStream(previous)
+        handler.stream = previous
 
 
 def run_case(case: Case, tmp: Path, paths: dict[str, str]) -> tuple[int | None, str]:

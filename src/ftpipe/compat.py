@@ -77,6 +77,14 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
+    def after_remove(self, trainer: pl.Trainer, filepath: str) -> None:
+        """Called after ModelCheckpoint deleted one of its own checkpoints (keep-top-k, a replaced last)."""
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # ModelCheckpoint's own removal (lightning 2.6), then the hook.
+        super()._remove_checkpoint(trainer, filepath)
+        self.after_remove(trainer, filepath)
+
     def save_last_if_unsaved(self, trainer: pl.Trainer) -> None:
         """Save ``last`` (with ``save_last``) when the current step has no checkpoint yet."""
         if self.save_last and trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:

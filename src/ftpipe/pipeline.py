@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ftpipe.config import results_root, validate_config
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -94,9 +95,11 @@ def _use_all_cores() -> None:
 def run(cfg: PipelineConfig) -> RunResult | None:
     """The whole pipeline on ``cfg``; returns the result on rank 0 and None on the other ranks."""
     from ftpipe.data.prepare import prepare_data
+    from ftpipe.export.export import check_export_target
     from ftpipe.train.run import train
 
     cfg = validate_config(cfg)
+    check_export_target(cfg)  # a foreign export_dir stops the run before training, not after it
     seconds: dict[str, float] = {}
     start = time.monotonic()
     prepared = prepare_data(cfg)
@@ -114,17 +117,44 @@ def run(cfg: PipelineConfig) -> RunResult | None:
         return _export_and_evaluate(cfg, prepared, trained, seconds, start)
 
 
-def finetuned_model_path(cfg: PipelineConfig) -> str:
-    """The merged export (``export_dir`` when it holds a full model, else ``<results_root>/export/merged``);
-    exported from the checkpoint first when it is missing."""
-    from ftpipe.export.export import default_export_dir, export_model
+class ExportNotUsable(FtpipeError):
+    """``export_dir`` names a folder that cannot be evaluated as the run's fine-tuned model."""
 
-    if cfg.export.export_dir and (Path(cfg.export.export_dir).expanduser() / "config.json").is_file():
-        return str(Path(cfg.export.export_dir).expanduser())
+
+def finetuned_model_path(cfg: PipelineConfig) -> str:
+    """The fine-tuned model to evaluate: ``export_dir`` when it is set (it must exist, hold a merged model
+    and be the export of the checkpoint meant), else ``<results_root>/export/merged``, exported (again)
+    from the checkpoint when it is missing or stale (from another run or checkpoint than the one meant)."""
+    from ftpipe.export.export import default_export_dir, export_model, read_export_info, stale_export
+
+    if cfg.export.export_dir:
+        folder = Path(cfg.export.export_dir).expanduser()
+        if not folder.exists():
+            raise ExportNotUsable(
+                f"export_dir: {folder} does not exist. Export first (`ftpipe export --export_dir {folder}`), "
+                "or leave export_dir unset to evaluate the run's own export (made when missing)"
+            )
+        if not (folder / "config.json").is_file():
+            raise ExportNotUsable(
+                f"export_dir: {folder} holds no merged model (no config.json); give the folder of a merged "
+                "export (`ftpipe export` without --no_merge), or leave export_dir unset"
+            )
+        info = read_export_info(folder)
+        reason = stale_export(cfg, folder) if info is not None and info.get("run_id") else None
+        if reason:
+            raise ExportNotUsable(
+                f"export_dir: {folder} is not the model asked about: {reason}. Export again "
+                f"(`ftpipe export --export_dir {folder}`), or set run_id / checkpoint to what it was made from"
+            )
+        return str(folder)
     merged = results_root(cfg) / "export" / "merged"
     if (merged / "config.json").is_file():
-        return str(merged)
-    log.info("no merged export at %s: exporting the checkpoint first", merged)
+        reason = stale_export(cfg, merged)
+        if reason is None:
+            return str(merged)
+        log.info("the export at %s is stale (%s): exporting the checkpoint again", merged, reason)
+    else:
+        log.info("no merged export at %s: exporting the checkpoint first", merged)
     return export_model(
         cfg.replace(merge=True, export_dir=str(default_export_dir(cfg.replace(export_dir=None), "merged")))
     ).path

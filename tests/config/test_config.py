@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,8 @@ def test_self_documenting_paths(tmp_path: Path):
     assert checkpoints_dir(cfg) == tmp_path / "r" / "Qwen" / "Qwen3-8B" / "checkpoints"
     assert tb_logs_dir(cfg) == tmp_path / "r" / "Qwen" / "Qwen3-8B" / "tb_logs"
     assert model_slug("embedded") == Path(EMBEDDED_MODEL_ID)
-    assert dataset_slug("../other/data/alpaca_en_demo.json") == Path("local/alpaca_en_demo")
+    local = dataset_slug("../other/data/alpaca_en_demo.json")  # local data: its name and a hash of its path
+    assert local.parent == Path("local") and re.fullmatch(r"alpaca_en_demo-[0-9a-f]{8}", local.name)
     assert (
         dataset_slug("data/*.jsonl") == Path("local/data") or dataset_slug("data/*.jsonl").parts[0] == "local"
     )

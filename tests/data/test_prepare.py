@@ -14,6 +14,7 @@ import pytest
 
 from ftpipe.cli.main import run_command
 from ftpipe.config import PipelineConfig, validate_config
+from ftpipe.config.paths import dataset_slug, identity_hash
 from ftpipe.config.schema import ALPACA_PROMPT_NO_INPUT
 from ftpipe.data.build import split_counts
 from ftpipe.data.errors import BadRowError, DataError, PrepareTimeoutError
@@ -53,7 +54,9 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 def test_cli_prepares_the_demo_into_the_self_documenting_folder(alpaca_demo, tmp_path):
     result = run_command(["prepare", "--dataset", str(alpaca_demo), "--data_dir", str(tmp_path)])
-    assert result.folder.relative_to(tmp_path) == Path("local/instructions/default/train=90%-val=5%-test=5%")
+    slug = dataset_slug(str(alpaca_demo))
+    assert slug.parent == Path("local") and slug.name == f"instructions-{identity_hash([str(alpaca_demo)])}"
+    assert result.folder.relative_to(tmp_path) == slug / "default/train=90%-val=5%-test=5%"
     assert sorted(p.name for p in result.folder.iterdir()) == sorted(
         [".data_ready", "config.yaml", "manifest.json", *FILES]
     )
@@ -184,7 +187,8 @@ def test_other_rank_times_out_with_a_clear_error(alpaca_demo, tmp_path, monkeypa
     assert time.monotonic() - start < 3
     message = str(err.value)
     assert message.startswith("rank 1: waited 0.3 s for rank 0")
-    assert str(tmp_path / "local/instructions/default") in message and "prepare_timeout_s" in message
+    assert str(tmp_path / dataset_slug(str(alpaca_demo)) / "default") in message
+    assert "prepare_timeout_s" in message
     assert not (tmp_path / "local").exists() or not any((tmp_path / "local").rglob("*.jsonl"))
 
 

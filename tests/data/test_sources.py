@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -137,8 +138,10 @@ def test_fingerprint_tracks_size_and_mtime(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [ROW])
     source = resolve_source(str(path))
     before = source_fingerprint(source)
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()  # small files: their content too
+    stat = path.stat()
     assert before == [
-        {"path": str(path.resolve()), "size": path.stat().st_size, "mtime": path.stat().st_mtime}
+        {"path": str(path.resolve()), "size": stat.st_size, "mtime": stat.st_mtime, "sha256": sha256}
     ]
     write_jsonl(path, [ROW, ROW])
     assert source_fingerprint(source) != before

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ftpipe.config import PipelineConfig, checkpoints_dir, results_root
+from ftpipe.config.runs import RunManifest
 
 METRICS = ("bertscore_precision", "bertscore_recall", "bertscore_f1", "rougeL_f1", "exact_match")
 
@@ -61,6 +62,10 @@ def _fake_run(cfg: PipelineConfig, model_path: Path, scale: float) -> None:
     folder.mkdir(parents=True)
     meta = {"config": cfg.to_flat(), "finetuning": "lora"}
     torch.save({"state_dict": state, "global_step": 4, "ftpipe": meta}, folder / "last.ckpt")
+    manifest = RunManifest.create(folder, cfg, "20260101-000000-000001")  # as ftpipe train writes it
+    manifest.record_checkpoint(folder / "last.ckpt", 4, None)
+    manifest.last, manifest.status = "last.ckpt", "completed"
+    manifest.save()
     records = [{"step": s, "loss": 3.0 - 0.2 * s, "lr": 1e-3 * s / 4} for s in range(1, 5)]
     records += [{"step": 2, "val_loss": 2.9}, {"step": 4, "val_loss": 2.5}]
     (results_root(cfg) / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")

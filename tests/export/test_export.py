@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ftpipe.config import PipelineConfig, checkpoints_dir
+from ftpipe.config.runs import RunManifest
 from ftpipe.export.export import base_model_name, export_model
 from ftpipe.model.checkpoint import hf_name, read_checkpoint
 
@@ -61,6 +62,21 @@ def _write_ckpt(path: Path, state: dict[str, torch.Tensor], cfg: PipelineConfig,
     torch.save({"state_dict": state, "global_step": step, "epoch": 0, "ftpipe": meta}, path)
 
 
+def _write_manifest(folder: Path, cfg: PipelineConfig, *, best=None, last=None, run_id=None) -> RunManifest:
+    """The run manifest ``ftpipe train`` writes beside its checkpoints: ``best`` (name, step, val_loss) and
+    ``last`` (name, step)."""
+    manifest = RunManifest.create(folder, cfg, run_id or "20260101-000000-000001")
+    if best:
+        manifest.record_checkpoint(folder / best[0], best[1], best[2])
+        manifest.best, manifest.best_val_loss = best[0], best[2]
+    if last:
+        manifest.record_checkpoint(folder / last[0], last[1], None)
+        manifest.last = last[0]
+    manifest.status = "completed"
+    manifest.save()
+    return manifest
+
+
 @pytest.fixture
 def lora_run(tmp_path, tiny_model):
     """A LoRA 'run' with a best checkpoint (random non-zero adapters) and a last one (other adapters);
@@ -80,6 +96,7 @@ def lora_run(tmp_path, tiny_model):
     run = checkpoints_dir(cfg) / "version_0"
     _write_ckpt(run / "step=4-val_loss=1.2345.ckpt", lora_state, cfg, 4)
     _write_ckpt(run / "last.ckpt", {k: torch.zeros_like(v) for k, v in lora_state.items()}, cfg, 6)
+    _write_manifest(run, cfg, best=("step=4-val_loss=1.2345.ckpt", 4, 1.2345), last=("last.ckpt", 6))
     return cfg, _logits(peft_model), base_logits
 
 
@@ -402,6 +419,7 @@ def test_every_lora_variant_merges_to_the_logits_of_its_adapter_model(variant, t
     assert (reference - base_logits).abs().max() > 100 * MERGE_ATOL  # the trained weights matter
     state = {"model." + n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     _write_ckpt(checkpoints_dir(cfg) / "version_0" / "last.ckpt", state, cfg, 3)
+    _write_manifest(checkpoints_dir(cfg) / "version_0", cfg, last=("last.ckpt", 3))
     result = export_model(cfg.replace(checkpoint="last"))
     merged = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(merged), reference, atol=MERGE_ATOL, rtol=0)

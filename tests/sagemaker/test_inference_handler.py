@@ -73,7 +73,7 @@ def exported(tmp_path_factory, embedded_model_path: Path) -> Path:
     ckpt.parent.mkdir(parents=True)
     meta = {"config": cfg.to_flat(), "finetuning": "lora", "state_dict_prefix": "model."}
     torch.save({"state_dict": state, "global_step": 2, "epoch": 0, "ftpipe": meta}, ckpt)
-    result = export_model(cfg)
+    result = export_model(cfg.replace(checkpoint=str(ckpt)))
     assert result.kind == "merged"
     folder = Path(result.path)
     code = write_inference_code(folder)

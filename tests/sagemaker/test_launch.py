@@ -315,7 +315,7 @@ def test_cli_dry_run_prints_the_request(capsys: pytest.CaptureFixture[str]) -> N
             str(REPO_ROOT / "configs" / "demo.yaml"),
             "--dry_run",
             "--training_data_s3_uri",
-            "s3://b/d",
+            "s3://my-bucket/d",
             "--instance_count",
             "4",
         ]
@@ -327,7 +327,7 @@ def test_cli_dry_run_prints_the_request(capsys: pytest.CaptureFixture[str]) -> N
     demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
     assert demo.train.max_steps != PipelineConfig().train.max_steps  # a value the job must be told
     assert request["HyperParameters"]["max_steps"] == str(demo.train.max_steps)
-    assert _channel(request, "training") == "s3://b/d"
+    assert _channel(request, "training") == "s3://my-bucket/d"
 
 
 def _ftpipe(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -340,7 +340,14 @@ def _ftpipe(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 @pytest.mark.timeout(120)
 def test_console_dry_run_and_missing_credentials(tmp_path: Path) -> None:
     env = _aws_free_env(tmp_path)
-    base = ["sagemaker", "launch", "--config", "configs/demo.yaml", "--training_data_s3_uri", "s3://b/d"]
+    base = [
+        "sagemaker",
+        "launch",
+        "--config",
+        "configs/demo.yaml",
+        "--training_data_s3_uri",
+        "s3://my-bucket/d",
+    ]
 
     dry = _ftpipe([*base, "--dry_run"], env)
     assert dry.returncode == 0, dry.stderr
@@ -361,3 +368,77 @@ def test_requirements_match_the_project_dependencies() -> None:
     lines = (REPO_ROOT / "sagemaker_job" / "requirements.txt").read_text().splitlines()
     listed = {line.replace(" ", "") for line in lines if line.strip() and not line.startswith("#")}
     assert listed == wanted
+
+
+@pytest.mark.timeout(60)
+def test_a_region_the_sdk_has_no_image_for_names_the_region() -> None:
+    with pytest.raises(
+        SageMakerLaunchError, match=r"^region: the SageMaker SDK .* no PyTorch training image in 'xx-west-9'"
+    ):
+        launch(_config(dry_run=True, region="xx-west-9"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("role", "arn:aws:iam::123456789012:user/bob", "is not an IAM role ARN"),
+        ("role", "arn:aws:iam::1234:role/x", "is not an IAM role ARN"),
+        ("role", "arn:aws:sts::123456789012:assumed-role/x/y", "is not an IAM role ARN"),
+        ("role", "my role", "is not an IAM role ARN"),
+        ("region", "mars-west-1", "is not an AWS region name"),
+        ("region", "US-EAST-1", "is not an AWS region name"),
+        ("base_job_name", "a" * 49, "has 49 characters; allowed: 1-48"),
+        ("base_job_name", "my job/x", "makes the job name 'my job/x-"),
+        ("base_job_name", "", "makes the job name '-"),
+        ("base_job_name", "-x", "makes the job name '-x-"),
+        ("training_data_s3_uri", "s3://", "names no bucket"),
+        ("training_data_s3_uri", "s3:///data", "names no bucket"),
+        ("output_s3_uri", "s3://My_Bucket/out", "'My_Bucket' is not an S3 bucket name"),
+        ("output_s3_uri", "s3://ab/out", "'ab' is not an S3 bucket name"),
+        ("checkpoint_s3_uri", "s3://my..bucket", "is not an S3 bucket name"),
+        ("checkpoint_s3_uri", "s3://192.168.1.1/x", "is not an S3 bucket name"),
+        ("checkpoint_s3_uri", "s3://bucket-/x", "is not an S3 bucket name"),
+        ("checkpoint_s3_uri", "s3://bucket/a\nb", "control characters"),
+    ],
+)
+@pytest.mark.timeout(30)
+def test_aws_names_are_checked_with_the_configuration(field: str, value: str, message: str) -> None:
+    from ftpipe.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError) as err:
+        validate_config(PipelineConfig().replace(**{field: value}))
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith(f"{field}: ")
+    assert message in err.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("role", "arn:aws:iam::123456789012:role/SageMakerTraining"),
+        ("role", "arn:aws:iam::123456789012:role/service-role/AmazonSageMaker-ExecutionRole-2024"),
+        ("role", "arn:aws-us-gov:iam::123456789012:role/x"),
+        ("role", "SageMakerTraining"),
+        ("region", "us-gov-west-1"),
+        ("region", "ap-southeast-7"),
+        ("base_job_name", "a" * 48),
+        ("base_job_name", "my_job-2"),
+        ("training_data_s3_uri", "s3://my.bucket-1"),
+        ("training_data_s3_uri", "s3://my-bucket/data/train v2/"),
+    ],
+)
+@pytest.mark.timeout(30)
+def test_valid_aws_names_pass(field: str, value: str) -> None:
+    from ftpipe.config import validate_config
+
+    validate_config(PipelineConfig().replace(**{field: value}))
+
+
+@pytest.mark.timeout(120)
+def test_the_dry_run_job_name_is_one_sagemaker_takes() -> None:
+    from ftpipe.config.instances import JOB_NAME, JOB_NAME_MAX
+
+    result = launch(_config(dry_run=True, base_job_name="my_job_" + "x" * 41))
+    name = result["CreateTrainingJob"]["TrainingJobName"]
+    assert JOB_NAME.match(name) and len(name) <= JOB_NAME_MAX
+    assert re.fullmatch(r"my-job-x{41}-\d{14}", name)  # the timestamp survives: each launch has its own name

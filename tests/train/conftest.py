@@ -131,9 +131,16 @@ class Run:
         return [s["loss"] for s in self.metrics[0]]
 
     def checkpoint(self, name: str = "last.ckpt") -> Path:
-        found = sorted((self.root / "checkpoints").glob(f"version_*/{name}"))
-        assert found, f"no {name} under {self.root / 'checkpoints'}"
+        """The newest run's checkpoint ``name`` (checkpoint names start with the run id)."""
+        found = sorted((self.root / "checkpoints").glob(f"version_*/*-{name}"))
+        assert found, f"no <run id>-{name} under {self.root / 'checkpoints'}"
         return found[-1]
+
+    def manifest(self) -> dict:
+        """The newest run's manifest (``run-<id>.json``)."""
+        found = sorted((self.root / "checkpoints").glob("version_*/run-*.json"))
+        assert found, f"no run manifest under {self.root / 'checkpoints'}"
+        return json.loads(found[-1].read_text())
 
     def shard_reports(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted((self.out / "shards").glob("shards_rank*.json"))]

@@ -49,10 +49,13 @@ def test_swap_replaces_a_folder_checkpoint_and_leftovers_are_removed(tmp_path):
     _swap(tmp, final)
     assert sorted(p.name for p in final.iterdir()) == ["new"] and not tmp.exists()
     assert not (tmp_path / "last.ckpt.old").exists()
-    (tmp_path / "step=4.ckpt.tmp").mkdir()
-    (tmp_path / "x.ckpt.old").write_text("")
-    assert remove_leftovers(tmp_path) == ["step=4.ckpt.tmp", "x.ckpt.old"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    (tmp_path / "r1-step=4.ckpt.tmp").mkdir()
+    (tmp_path / "r1-last.ckpt.old").write_text("")
+    (tmp_path / "notes.tmp").write_text("the user's")  # not a run's own: never deleted by its suffix
+    (tmp_path / "data.old").mkdir()
+    owned = {"r1-step=4.ckpt", "r1-last.ckpt"}
+    assert remove_leftovers(tmp_path, owned.__contains__) == ["r1-last.ckpt.old", "r1-step=4.ckpt.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.old", "last.ckpt", "notes.tmp"]
 
 
 @pytest.mark.timeout(30)

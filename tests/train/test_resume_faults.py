@@ -67,7 +67,7 @@ def _steps(root: Path) -> list[dict]:
 
 
 def _last_weights(root: Path) -> dict[str, torch.Tensor]:
-    found = sorted((root / "checkpoints").glob("version_*/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    found = sorted((root / "checkpoints").glob("version_*/*-last.ckpt"), key=lambda p: p.stat().st_mtime)
     return read_checkpoint(found[-1]).weights
 
 
@@ -117,7 +117,7 @@ def test_checkpoint_of_two_ranks_resumes_on_one(tmp_path, tiny_llama, alpaca_dem
     args = _args(tmp_path, tiny_llama, alpaca_demo, "two", strategy="fsdp2")
     stopped = start_train({**args, "stop_at_step": HALF}, tmp_path / "two.log")
     assert stopped.wait(timeout=240) == 3, stopped.log()[-5000:]
-    (ckpt,) = (_root(tmp_path, "two", tiny_llama) / "checkpoints").glob("version_*/last.ckpt")
+    (ckpt,) = (_root(tmp_path, "two", tiny_llama) / "checkpoints").glob("version_*/*-last.ckpt")
     assert len(list(ckpt.glob("*.distcp"))) == 2
 
     one = {**args, "results_dir": tmp_path / "one", "gpus_per_node": 1, "micro_batch_size": 4}
@@ -194,7 +194,7 @@ def test_killed_rank_under_torchrun_restarts_and_finishes(tmp_path, tiny_llama, 
     log = _assert_ok(job, timeout=300)
     assert "resuming from" in log
     assert _steps(root)[-1]["step"] == 8
-    final = sorted((root / "checkpoints").glob("version_*/last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
+    final = sorted((root / "checkpoints").glob("version_*/*-last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
     assert read_checkpoint(final).global_step == 8
 
 

@@ -47,7 +47,15 @@ def test_stops_when_val_loss_stops_improving(train_runner, tiny_llama):
     assert max(losses) - min(losses) < 0.001  # nothing improved by min_delta
     best_step = vals[losses.index(min(losses))]["step"]  # the first of equal values stays the best
     best = run.checkpoint("step=*")
-    assert int(re.match(r"step=(\d+)-", best.name).group(1)) == best_step
+    manifest = run.manifest()
+    assert best.name.startswith(manifest["run_id"] + "-")  # the run's own names
+    assert int(re.search(r"-step=(\d+)-", best.name).group(1)) == best_step
     assert best.name.endswith(f"val_loss={min(losses):.4f}.ckpt")
-    assert read_checkpoint(run.checkpoint("last.ckpt")).global_step == 3
+    last = run.checkpoint("last.ckpt")
+    assert read_checkpoint(last).global_step == 3
+    # the manifest says which is the best and the last, with their metric, and how the run ended
+    assert (manifest["best"], manifest["last"], manifest["status"]) == (best.name, last.name, "completed")
+    assert manifest["checkpoints"][best.name]["step"] == best_step
+    assert manifest["best_val_loss"] == pytest.approx(min(losses), abs=1e-4)
+    assert manifest["global_step"] == 3 and manifest["data"]["prepared_dir"]
     assert "stopped early" in run.log()

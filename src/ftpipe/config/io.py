@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ftpipe.config.schema import SECTIONS, PipelineConfig
+from ftpipe.config.types import numbers_from_text
 
 CONFIG_FILENAME = "config.yaml"
 
@@ -41,12 +42,17 @@ def save_config(cfg: PipelineConfig, folder: str | os.PathLike, name: str = CONF
     return target
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the last one)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # ``<<: *anchor``: defaults that the mapping's own keys override
+                continue
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, list | dict):
                 raise yaml.constructor.ConstructorError(
@@ -67,7 +73,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The flat mapping of a YAML configuration file; a ConfigError naming the file and line when it is
-    missing, not UTF-8 text, not valid YAML, not a mapping, or gives a key twice."""
+    missing, not UTF-8 text, not valid YAML, empty, not a mapping, or gives a key twice.
+
+    Merge keys (``<<: *anchor``) are YAML's own; a number field given text that reads as a number (YAML
+    1.1 reads ``1e-4`` as text) gets the number, as its flag would.
+    """
     from ftpipe.config.validate import ConfigError
 
     path = Path(path).expanduser()
@@ -91,7 +101,12 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         what = "" if isinstance(err, yaml.constructor.ConstructorError) else "not valid YAML: "
         raise ConfigError([f"--config: {path}: {where}: {what}{problem}"]) from None
     if loaded is None:
-        return {}
+        raise ConfigError(
+            [
+                f"--config: {path} is empty (or holds only comments); write field: value pairs into it, "
+                "or leave out --config"
+            ]
+        )
     if not isinstance(loaded, dict):
         raise ConfigError(
             [f"--config: {path}: expected a mapping of field: value, got {type(loaded).__name__}"]
@@ -99,7 +114,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     bad_keys = [k for k in loaded if not isinstance(k, str)]
     if bad_keys:
         raise ConfigError([f"--config: {path}: key {k!r} is not a field name" for k in bad_keys])
-    return loaded
+    return numbers_from_text(loaded)
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> PipelineConfig:

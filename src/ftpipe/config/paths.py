@@ -1,7 +1,8 @@
 """Self-documenting locations of prepared data and of run results.
 
-Prepared data: ``<data_dir>/<dataset id as folders>/<subset>/train=90%-val=5%-test=5%/`` (a mix of
-several data sets: ``<data_dir>/mix/<first source>+<N>-more/default/...``), with a
+Prepared data: ``<data_dir>/<dataset id as folders>/<subset>/train=90%-val=5%-test=5%/`` (local data:
+``<data_dir>/local/<name>-<hash of its resolved paths>/default/...``; a mix of several data sets:
+``<data_dir>/mix/<first source>+<N>-more[-<hash>]/default/...``), with a
 ``-cfg<hash>`` suffix when any other setting that changes the prepared rows differs from its default
 (template, mapping, converter, seed, subset size, ...), so a changed configuration prepares again
 into its own folder. Results: ``<results_dir>/<model id as folders>/{checkpoints,tb_logs}``.
@@ -60,14 +61,40 @@ def id_as_folders(identifier: str) -> Path:
     return Path(*parts) if parts else Path("_")
 
 
+def source_identity(source: str) -> list[str]:
+    """What a data source is: a hub id as given; local data as the absolute, symlink-resolved path of
+    each comma-separated item (a glob's pattern made absolute), so ``v1/train.jsonl`` and
+    ``v2/train.jsonl`` (or one relative path from two folders) are different sources."""
+    given = source.strip()
+    if not looks_local(given):
+        return [given]
+    identity = []
+    for item in (s.strip() for s in given.split(",") if s.strip()):
+        path = Path(item).expanduser()
+        try:
+            identity.append(str(path.resolve()))
+        except (OSError, RuntimeError):  # a symlink loop: the sources name it when they read it
+            identity.append(os.path.abspath(path))
+    return identity
+
+
+def identity_hash(identities: list[str]) -> str:
+    """Short stable hash of source identities (8 hex digits)."""
+    return hashlib.sha256("\n".join(identities).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _local_name(source: str) -> str:
+    first = source.split(",")[0].strip()
+    name = Path(first.rstrip("/")).expanduser()
+    stem = name.stem if name.suffix.lower() in LOCAL_DATA_SUFFIXES else name.name
+    return _slug_part(re.sub(r"[*?\[\]]", "", stem) or "data")
+
+
 def dataset_slug(source: str) -> Path:
-    """``cognitivecomputations/dolphin`` -> that path; local data -> ``local/<name>``."""
+    """``cognitivecomputations/dolphin`` -> that path; local data -> ``local/<name>-<hash8>``, the hash of
+    its resolved path(s) (``source_identity``)."""
     if looks_local(source):
-        first = source.split(",")[0].strip()
-        name = Path(first.rstrip("/")).expanduser()
-        stem = name.stem if name.suffix.lower() in LOCAL_DATA_SUFFIXES else name.name
-        stem = re.sub(r"[*?\[\]]", "", stem) or "data"
-        return Path("local") / _slug_part(stem)
+        return Path("local") / f"{_local_name(source)}-{identity_hash(source_identity(source))}"
     return id_as_folders(source)
 
 
@@ -101,10 +128,14 @@ def prepared_data_dir(data: DataConfig) -> Path:
     """Folder of the prepared ``training/validation/test.jsonl`` for this configuration."""
     if data.prepared_dir:
         return Path(data.prepared_dir).expanduser()
-    if data.datasets:  # a mix: mix/<first source>+<n>-more (the settings hash tells mixes apart)
-        first = Path(*dataset_slug(data.datasets[0].dataset).parts[-1:])
-        more = len(data.datasets) - 1
-        folder = Path(data.data_dir).expanduser() / "mix" / (f"{first}+{more}-more" if more else str(first))
+    if data.datasets:  # a mix: mix/<first source>+<n>-more[-<hash8 of the local sources' identities>]
+        sources = [entry.dataset for entry in data.datasets]
+        first = _local_name(sources[0]) if looks_local(sources[0]) else id_as_folders(sources[0]).name
+        more = len(sources) - 1
+        name = f"{first}+{more}-more" if more else first
+        if any(looks_local(s) for s in sources):
+            name += f"-{identity_hash([i for s in sources for i in source_identity(s)])}"
+        folder = Path(data.data_dir).expanduser() / "mix" / name
         subset = "default"
     else:
         folder = Path(data.data_dir).expanduser() / dataset_slug(data.dataset)

@@ -425,7 +425,12 @@ class ExportConfig:
 
     Args:
         checkpoint: ``best`` (lowest val_loss, else the last), ``last``, or a checkpoint file or
-            distributed-checkpoint folder; ``best``/``last`` look in the newest run of ``checkpoints_dir``.
+            distributed-checkpoint folder; ``best``/``last`` are those the run manifest of the run meant
+            (``run_id``) lists.
+        run_id: the training run whose checkpoint ``best``/``last`` mean, for export and evaluate: its id
+            (logged at the start of training; its manifest is ``run-<id>.json`` in its checkpoint folder),
+            or the path of that manifest or folder; unset: the newest run of ``checkpoints_dir`` (or
+            ``checkpoint_dir``).
         merge: merge LoRA into the base weights (a plain transformers model); ``false``
             (``--no_merge``) writes a PEFT adapter folder naming its base model.
         export_dir: output folder (default ``<results_root>/export/merged`` or ``.../adapter``).
@@ -435,6 +440,7 @@ class ExportConfig:
     """
 
     checkpoint: str = "best"
+    run_id: str | None = None
     merge: bool = True
     export_dir: str | None = None
     max_shard_size: str = "5GB"
@@ -466,7 +472,8 @@ class SageMakerConfig:
         max_run_s: maximum training time.
         max_wait_s: maximum time including waiting for spot capacity (>= max_run_s; spot only).
         source_dir: folder uploaded as the job's code (unset: the project's ``sagemaker_job/`` folder).
-        base_job_name: prefix of the training job name.
+        base_job_name: prefix of the training job name (at most 48 characters: letters, digits and dashes;
+            SageMaker adds `-<timestamp>`).
         dry_run: build and print the job request without credentials or network, submit nothing.
     """
 

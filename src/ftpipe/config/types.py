@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -191,6 +192,41 @@ def meaning_problems(flat: dict[str, Any]) -> list[str]:
     _names(problems, "optional_fields", flat.get("optional_fields"), "field name")
     _names(problems, "modules_to_save", flat.get("modules_to_save"), "module name")
     return problems
+
+
+#: Text that reads as a decimal number (``1e-4``, ``-2.5E+3``, ``.5``); YAML 1.1 reads some of them as text.
+_NUMBER_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number_field(hint: Any) -> bool:
+    """True for a field that takes a number and no text (``float``, ``float | None``)."""
+    if hint is float:
+        return True
+    args = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else ()
+    return float in args and str not in args
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def numbers_from_text(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with the number fields (and the number fields of ``datasets`` entries) given text that reads
+    as a number (``1e-4``, which YAML 1.1 reads as text) given that number, as their flags would; other
+    text stays (and is refused by :func:`type_problems`)."""
+    hints, entry_hints = field_types(), _entry_types()
+    out = {name: _number(v) if _number_field(hints.get(name)) else v for name, v in flat.items()}
+    entries = out.get("datasets")
+    if isinstance(entries, list):
+        out["datasets"] = [
+            {k: _number(v) if _number_field(entry_hints.get(k)) else v for k, v in e.items()}
+            if isinstance(e, dict)
+            else e
+            for e in entries
+        ]
+    return out
 
 
 def type_problems(flat: dict[str, Any]) -> dict[str, list[str]]:

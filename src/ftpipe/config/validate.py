@@ -11,6 +11,11 @@ from ftpipe.templates import chat_template_problem
 
 __all__ = ["ConfigError", "collect_problems", "validate_config"]
 
+#: Largest seed ``seed_everything`` (NumPy's 32-bit seed) accepts; the smallest is 0.
+MAX_SEED = 2**32 - 1
+#: Shortest ``max_seq_length`` that keeps a beginning-of-sequence token, a prompt token and an answer token.
+MIN_SEQ_LENGTH = 3
+
 
 def template_fields(template: str) -> list[str]:
     """Names of the ``{field}`` placeholders of a template (``{{`` and ``}}`` are literal braces).
@@ -158,6 +163,11 @@ def _semantic_problems(cfg: PipelineConfig) -> list[str]:
         problems.append("train_ratio: must be > 0 (there is nothing to train on)")
     _check_datasets(d, problems)
     _positive(problems, d, ["max_samples", "prepare_timeout_s", "max_seq_length", "pad_to_multiple_of"])
+    if 0 < d.max_seq_length < MIN_SEQ_LENGTH:
+        problems.append(
+            f"max_seq_length: {d.max_seq_length} is too small (must be >= {MIN_SEQ_LENGTH}: room for a "
+            "beginning-of-sequence token, a prompt token and an answer token; typical values are 512-4096)"
+        )
     _positive(problems, d, ["num_workers"], allow_zero=True)
     if d.packing and d.group_by_length:
         problems.append(
@@ -241,9 +251,23 @@ def _semantic_problems(cfg: PipelineConfig) -> list[str]:
         problems.append(f"top_p: {ev.top_p!r} is outside (0, 1]")
     if not 0.0 < ev.gpu_memory_utilization <= 1.0:
         problems.append(f"gpu_memory_utilization: {ev.gpu_memory_utilization!r} is outside (0, 1]")
+    _check_seeds(cfg, problems)
     _check_sagemaker(cfg, problems)
     _check_debug(cfg, problems)
     return problems
+
+
+def _check_seeds(cfg: PipelineConfig, problems: list[str]) -> None:
+    """Seeds are what Lightning's ``seed_everything`` and NumPy accept: 0 to 2**32 - 1."""
+    for name, value in (
+        ("seed", cfg.train.seed),
+        ("split_seed", cfg.data.split_seed),
+        ("eval_seed", cfg.eval.eval_seed),
+    ):
+        if not 0 <= value <= MAX_SEED:
+            problems.append(
+                f"{name}: {value!r} is outside 0..{MAX_SEED} (a seed is a whole number 0 to 2**32 - 1)"
+            )
 
 
 def _check_debug(cfg: PipelineConfig, problems: list[str]) -> None:
@@ -259,7 +283,13 @@ def _check_debug(cfg: PipelineConfig, problems: list[str]) -> None:
 
 
 def _check_sagemaker(cfg: PipelineConfig, problems: list[str]) -> None:
-    from ftpipe.config.instances import instance_problem
+    from ftpipe.config.instances import (
+        instance_problem,
+        job_name_problem,
+        region_problem,
+        role_problem,
+        s3_uri_problem,
+    )
 
     sm = cfg.sagemaker
     problem = instance_problem(sm.instance_type)
@@ -268,8 +298,18 @@ def _check_sagemaker(cfg: PipelineConfig, problems: list[str]) -> None:
     _positive(problems, sm, ["instance_count", "volume_size_gb", "max_run_s", "max_wait_s"])
     for name in ("training_data_s3_uri", "output_s3_uri", "checkpoint_s3_uri"):
         value = getattr(sm, name)
-        if value is not None and not value.startswith("s3://"):
-            problems.append(f"{name}: {value!r} is not an S3 URI (allowed: s3://bucket/prefix)")
+        problem = s3_uri_problem(value) if value is not None else None
+        if problem:
+            problems.append(f"{name}: {problem}")
+    for name, check in (
+        ("role", role_problem),
+        ("region", region_problem),
+        ("base_job_name", job_name_problem),
+    ):
+        value = getattr(sm, name)
+        problem = check(value) if value is not None else None
+        if problem:
+            problems.append(f"{name}: {problem}")
     if sm.max_wait_s is not None:
         if not sm.use_spot:
             problems.append("max_wait_s: only applies to spot training (set use_spot: true, or unset it)")

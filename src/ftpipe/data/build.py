@@ -7,12 +7,15 @@ other file is complete and flushed, so a folder without it is never used.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -24,12 +27,14 @@ import numpy as np
 
 from ftpipe.config.io import CONFIG_FILENAME, save_config
 from ftpipe.config.mix import SourceSettings
+from ftpipe.config.paths import source_identity
 from ftpipe.config.schema import DataConfig, PipelineConfig
 from ftpipe.data.chat import uses_tools
 from ftpipe.data.errors import BadRow, DataError, bad_row_error
-from ftpipe.data.formats import RowFormat, make_converter, replace_text, row_format
+from ftpipe.data.formats import ConverterStopped, RowFormat, make_converter, replace_text, row_format
 from ftpipe.data.jsonscan import RAW_COLUMN
 from ftpipe.data.manifest import MANIFEST_NAME
+from ftpipe.data.manifest import READY_MARKER as READY_MARKER
 from ftpipe.data.mix import SPLITS, allocate_splits, mix_targets, select_source_rows, shuffle_split
 from ftpipe.data.mix import split_counts as split_counts
 from ftpipe.data.sources import ROW_NUMBERS, Part, Source, load_parts
@@ -38,7 +43,6 @@ from ftpipe.utils.logging import get_logger, global_rank
 log = get_logger(__name__)
 
 SPLIT_FILES = {"train": "training.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
-READY_MARKER = ".data_ready"
 _FEATURES = datasets.Features(
     {
         "id": datasets.Value("int64"),
@@ -101,6 +105,8 @@ def _format_batch(
                 line.encode("utf-8")
             except UnicodeEncodeError as err:
                 raise BadRow("invalid_utf8", "a value holds characters that are not valid UTF-8") from err
+        except ConverterStopped as err:
+            raise err.at(f"{part.name}: {part.label(position)}") from err.__cause__
         except BadRow as err:
             if fail and err.fatal:
                 raise bad_row_error(part.name, part.label(position), err.reason, err.detail) from None
@@ -242,14 +248,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """A full disk's OSError that names no file gets ``path``: the message then says what was being written."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+
+
 def write_atomic(path: Path, write: Any) -> None:
     """``write(file)`` into a temporary name, flush and fsync, then rename onto ``path``."""
     tmp = _tmp(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    with naming(path):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
 
 
 def _write_split(ds: datasets.Dataset | None, fh: Any) -> None:
@@ -350,6 +368,7 @@ def _source_manifest(
 ) -> dict:
     return {
         "dataset": spec.data.dataset,
+        "identity": source_identity(spec.data.dataset),
         "origin": spec.origin,
         "kind": source.kind,
         "subset": spec.data.dataset_subset if source.kind == "hub" else None,
@@ -376,8 +395,8 @@ def build_prepared(
     digest: str,
     folder: Path,
 ) -> dict:
-    """Prepare ``folder`` from the sources (``files_of``: each source's files with size and mtime); returns
-    the manifest. The caller holds the folder's lock."""
+    """Prepare ``folder`` (a fresh staging folder, swapped in by the caller) from the sources (``files_of``:
+    each source's files with size and mtime); returns the manifest. The caller holds the folder's lock."""
     data, started = cfg.data, time.time()
     fail = data.on_bad_row == "fail"
     clean_folder(folder)
@@ -388,15 +407,16 @@ def build_prepared(
             d = spec.data
             # no reference to the raw parts is kept past formatting: their memory-mapped Arrow files are then
             # unmapped, and the split writing below does not hold them in the process's memory as well
-            result = format_source(
-                spec,
-                load_parts(source, d.dataset_subset, d.dataset_split, work_dir / f"source-{i}", fail),
-                work_dir,
-                fail,
-                digest,
-                i,
-                offset,
-            )
+            with naming(work_dir):
+                result = format_source(
+                    spec,
+                    load_parts(source, d.dataset_subset, d.dataset_split, work_dir / f"source-{i}", fail),
+                    work_dir,
+                    fail,
+                    digest,
+                    i,
+                    offset,
+                )
             offset += result.rows_read
             _log_source(result, len(inputs) > 1)
             if not result.usable:
@@ -427,6 +447,7 @@ def build_prepared(
                 "kind": first_source.kind if len(inputs) == 1 else "mix",
                 "subset": data.dataset_subset if first_source.kind == "hub" and len(inputs) == 1 else None,
                 "split": data.dataset_split if first_source.kind != "files" and len(inputs) == 1 else None,
+                "identity": [i for spec, _ in inputs for i in source_identity(spec.data.dataset)],
                 "files": [entry for files in files_of for entry in files],
             },
             "sources": sources,
@@ -460,7 +481,8 @@ def build_prepared(
                     *(entry["counts"][s] for s in SPLITS),
                 )
         write_atomic(folder / MANIFEST_NAME, lambda fh: json.dump(manifest, fh, indent=2, ensure_ascii=False))
-        save_config(cfg, folder)
+        with naming(folder / CONFIG_FILENAME):
+            save_config(cfg, folder)
         _fsync_dir(folder)
         write_atomic(folder / READY_MARKER, lambda fh: fh.write(f"{digest}\n"))
         _fsync_dir(folder)

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ftpipe.data.errors import BadRow
+from ftpipe.data.jsonscan import MAX_DEPTH, too_deep
 
 ROLES = ("system", "user", "assistant", "tool")
 #: ShareGPT ``from`` values -> internal roles (``function_call`` is an assistant turn that calls tools).
@@ -60,6 +61,7 @@ MESSAGE_ROLES = {
     "function": "tool",
 }
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_TOO_DEEP = object()
 
 
 def as_text(value: Any, field: str, notes: list[str], where: str) -> str | None:
@@ -80,9 +82,14 @@ def _parse_json(value: Any, reason: str, what: str) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return json.loads(value)
+        parsed = json.loads(value)
     except json.JSONDecodeError as err:
         raise BadRow(reason, f"{what} is not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        parsed = _TOO_DEEP
+    if parsed is _TOO_DEEP or too_deep(parsed, value):
+        raise BadRow(reason, f"{what} nests lists or objects more than {MAX_DEPTH} levels deep")
+    return parsed
 
 
 def normalize_tools(value: Any) -> list[dict[str, Any]]:

@@ -15,10 +15,18 @@ batches already taken in the current epoch) in every checkpoint and restores it 
 loader then skips exactly those batches of the same seeded permutation: a resumed run continues at
 the sample where the interrupted one stopped, none seen twice, none skipped. (Lightning's own sampler
 replacement would re-create the loader and lose its settings, hence the samplers here.)
+
+Stop signals: the loaders' worker processes ignore SIGTERM and SIGINT (``LoaderWorkerInit``). A
+scheduler signals the whole process group (``docker stop``, Kubernetes, SLURM, Ctrl-C in a terminal);
+the training process alone decides to stop (``ftpipe.train.stop``) and shuts its workers down when
+it is done. A worker still leaves when its loader shuts down or its process dies (PyTorch's done
+event and parent watchdog).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
@@ -41,6 +49,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 SPLITS = {"train": "train_file", "val": "val_file", "test": "test_file"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the loader workers ignore them: the trainer stops
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
@@ -145,6 +154,7 @@ class SFTDataModule(pl.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             collate_fn=collate_fn or self.collator,
+            worker_init_fn=LoaderWorkerInit(self._ranks()[1]) if workers > 0 else None,
             **kwargs,
         )
 
@@ -190,6 +200,31 @@ class SFTDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, shuffle=False)
+
+
+class LoaderWorkerInit:
+    """A data loader worker's start: SIGTERM and SIGINT ignored, then Lightning's worker seeding.
+
+    A stop signal sent to the process group would otherwise kill the workers, and the training
+    process would fail on its next batch instead of stopping after its step with a checkpoint. The
+    worker still exits when its loader shuts down or the training process dies. Lightning adds its
+    seeding (``seed_everything(workers=True)``) only to loaders without a ``worker_init_fn``, so it
+    is called here.
+
+    Args:
+        rank: the global rank of the process that owns the loader (Lightning's worker seeds use it).
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if int(os.environ.get("PL_SEED_WORKERS", "0")):
+            from lightning.fabric.utilities.seed import pl_worker_init_function
+
+            pl_worker_init_function(worker_id, rank=self.rank)
 
 
 class LabelFreePadding(Dataset):

@@ -109,8 +109,6 @@ def load_converter(path: str) -> Callable[[dict[str, Any]], Any]:
             "install it or add its folder to PYTHONPATH"
         ) from err
     except BaseException as err:  # the module's own code failed: a SyntaxError, an exception, an exit
-        if isinstance(err, KeyboardInterrupt):
-            raise
         raise DataError(
             f"converter {path}: importing module {module_name!r} failed ({type(err).__name__}: {err}); "
             "fix the converter's module"
@@ -119,6 +117,23 @@ def load_converter(path: str) -> Callable[[dict[str, Any]], Any]:
     if not callable(func):
         raise DataError(f"converter {path}: module {module_name!r} has no function {func_name!r}")
     return func
+
+
+class ConverterStopped(DataError):
+    """A converter raised SystemExit, KeyboardInterrupt or another BaseException that is not an Exception:
+    not a bad row but a converter to fix; :meth:`at` names the row."""
+
+    def __init__(self, name: str, err: BaseException) -> None:
+        shown = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        what = f"called sys.exit ({shown})" if isinstance(err, SystemExit) else f"raised {shown}"
+        super().__init__(
+            f"the converter {name} {what} instead of returning a record or None: a converter may "
+            "not stop ftpipe; raise an Exception (ValueError, ...) for a bad row, and fix the converter"
+        )
+
+    def at(self, where: str) -> DataError:
+        """The error naming the row (``<file>: line N``) the converter stopped at."""
+        return DataError(f"{where}: {self}")
 
 
 #: The keys a converter's result may have: one of these shapes (``tools`` only with ``messages``).
@@ -156,8 +171,9 @@ def apply_converter(converter: Converter | Callable, row: Row, notes: list[str] 
     are) or ``{"messages": [...], "tools": [...]}`` (a conversation, checked as chat rows are). Any other
     key is a bad row (``converter_bad_result``): its value would be lost. An empty ``input`` is a bad row
     (``empty_prompt``) unless ``allow_empty_prompt``. A row's text in a field the templates use that does
-    not reach the result is noted (``converter_dropped:<field>``, a warning). Whatever the converter
-    raises is a bad row (``converter_error``) naming the converter.
+    not reach the result is noted (``converter_dropped:<field>``, a warning). Whatever Exception the
+    converter raises is a bad row (``converter_error``) naming the converter; SystemExit, KeyboardInterrupt
+    and any other BaseException raised by it is a :class:`ConverterStopped` (the command stops, exit 2).
     """
     if not isinstance(converter, Converter):
         converter = Converter(name=getattr(converter, "__qualname__", "converter"), func=converter)
@@ -168,6 +184,8 @@ def apply_converter(converter: Converter | Callable, row: Row, notes: list[str] 
         raise BadRow(
             "converter_error", f"the converter {converter.name} raised {type(err).__name__}: {err}"
         ) from err
+    except BaseException as err:  # sys.exit(), KeyboardInterrupt, ...: user code may not end the command
+        raise ConverterStopped(converter.name, err) from err
     if result is None:
         raise BadRow("converter_dropped", f"the converter {converter.name} returned None", fatal=False)
     if not isinstance(result, Mapping) or set(result) not in CONVERTER_SHAPES:

@@ -143,9 +143,9 @@ def inspect(cfg: PipelineConfig, options: InspectOptions | None = None) -> list[
         from ftpipe.config.validate import ConfigError
 
         raise ConfigError([f"n: {options.n} is not allowed (must be >= 1)"])
+    tokenizer = load_tokenizer(cfg.model)  # the model and its chat_template are checked before the data
     prepared = prepare_data(cfg)
     path = Path(getattr(prepared, SPLIT_NAMES[options.split]))
-    tokenizer = load_tokenizer(cfg.model)
     samples = inspect_samples(tokenizer, path, cfg, options.n)
     if not samples:
         log.warning("%s has no samples to show", path)

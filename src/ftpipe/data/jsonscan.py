@@ -5,8 +5,8 @@ a file turns the text answers that look like numbers (``"0"``, ``"42"``) into nu
 cells stop being text. Here every record is parsed on its own (Python's ``json``, the ``csv`` module:
 a CSV cell is always text) and kept as its JSON text in a one-column Arrow file (``__json__``) that
 ``datasets`` memory-maps; the format step decodes each row back. Unreadable records (unparsable
-JSON, invalid UTF-8, not an object, a CSV row with more cells than the header) are found by their row
-number and reported, and the rest is read.
+JSON, invalid UTF-8, not an object, values nested deeper than :data:`MAX_DEPTH` levels, a CSV row with
+more cells than the header) are found by their row number and reported, and the rest is read.
 
 Row numbers: 1-based line numbers for JSON Lines, 0-based indices for JSON arrays and CSV rows
 (header excluded).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,31 @@ RAW_COLUMN = "__json__"
 _SCHEMA = pa.schema([(RAW_COLUMN, pa.string())])
 _BATCH = 8192
 _CSV_FIELD_LIMIT = 2**31 - 1
+#: the deepest nesting of lists and objects a row may have (the row object is level 1); deeper rows are
+#: bad rows (``too_deep``): no real data set nests that deep, and Python's recursion would not follow.
+MAX_DEPTH = 100
+TOO_DEEP = (
+    "too_deep",
+    f"values nested more than {MAX_DEPTH} levels deep (lists or objects inside each other)",
+)
+_BLANK = re.compile(r"[ \t\n\r]*")
+
+
+def too_deep(value: Any, text: str | None = None, limit: int = MAX_DEPTH) -> bool:
+    """True when lists and objects nest more than ``limit`` levels in ``value`` (found without recursion;
+    ``text``, its JSON text, lets shallow rows skip the walk)."""
+    if text is not None and text.count("[") + text.count("{") <= limit:
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
 
 
 @dataclass
@@ -109,8 +135,12 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str, str]:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         return None, "invalid_json", f"unparsable JSON ({err.msg} at column {err.colno})"
+    except RecursionError:
+        return None, *TOO_DEEP
     if not isinstance(obj, dict):
         return None, "not_an_object", f"a JSON {type(obj).__name__}, not an object"
+    if too_deep(obj, text):
+        return None, *TOO_DEEP
     return obj, text.strip(), ""
 
 
@@ -165,23 +195,83 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
+class _TooDeep:
+    """An array element nested too deeply to be parsed (it was skipped)."""
+
+
+def _value_end(text: str, start: int) -> int:
+    """Where the JSON value (a list or an object) starting at ``start`` ends, found without parsing it."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        char = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise json.JSONDecodeError("unterminated value", text, start)
+
+
+def _array_items(text: str) -> list[Any]:
+    """The elements of a JSON array parsed one by one, an element nested too deeply for Python's parser
+    as a ``_TooDeep`` (the whole array at once raises RecursionError)."""
+    decoder = json.JSONDecoder()
+    i = _BLANK.match(text, 0).end()  # type: ignore[union-attr]
+    if text[i : i + 1] != "[":
+        return decoder.decode(text)  # not an array: the caller names what it is
+    items: list[Any] = []
+    i = _BLANK.match(text, i + 1).end()  # type: ignore[union-attr]
+    if text[i : i + 1] == "]":
+        return items
+    while True:
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except RecursionError:
+            item, i = _TooDeep(), _value_end(text, i)
+        items.append(item)
+        i = _BLANK.match(text, i).end()  # type: ignore[union-attr]
+        if text[i : i + 1] == ",":
+            i = _BLANK.match(text, i + 1).end()  # type: ignore[union-attr]
+        elif text[i : i + 1] == "]" and not text[i + 1 :].strip():
+            return items
+        else:
+            raise json.JSONDecodeError("Expecting ',' delimiter or the end of the array", text, i)
+
+
 def scan_json_array(path: Path, work_dir: Path, fail: bool) -> JsonScan:
     """Read every element of a JSON array file (rows are 0-based indices)."""
     text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     try:
-        items = json.loads(text)
+        try:
+            items = json.loads(text)
+        except RecursionError:  # an element nested too deeply: parse them one by one to name it
+            items = _array_items(text)
     except json.JSONDecodeError as err:
         raise DataError(
             f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); a .json file "
             "must hold an array of row objects, or one JSON object per line (JSON Lines)"
         ) from err
+    except RecursionError as err:
+        raise DataError(f"{path}: {TOO_DEEP[1]}; a .json file must hold an array of row objects") from err
     if not isinstance(items, list):
         raise DataError(f"{path}: the JSON top level is a {type(items).__name__}; expected an array of rows")
     scan = JsonScan()
     writer = _writer_for(path, work_dir)
     for position, item in enumerate(items):
         problem = None
-        if not isinstance(item, dict):
+        if isinstance(item, _TooDeep) or (isinstance(item, dict) and too_deep(item)):
+            problem = TOO_DEEP
+        elif not isinstance(item, dict):
             problem = ("not_an_object", f"a JSON {type(item).__name__}, not an object")
         elif _has_surrogate(item):
             problem = ("invalid_utf8", "a string holds bytes that are not valid UTF-8")

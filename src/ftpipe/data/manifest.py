@@ -6,6 +6,11 @@ import json
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
+#: Written last into a prepared folder: a folder without it is never used (nor read as source data).
+READY_MARKER = ".data_ready"
+#: The keys a prepared row may hold: ``{"input", "output"}`` or ``{"messages"[, "tools"]}``, with ``id``
+#: and ``source``.
+PREPARED_KEYS = frozenset({"id", "source", "input", "output", "messages", "tools"})
 
 
 def read_manifest(folder: Path) -> dict | None:

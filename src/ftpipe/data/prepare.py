@@ -4,26 +4,38 @@ Only global rank 0 prepares. With a process group rank 0 posts its outcome (done
 group's key-value store, and the other ranks poll the store without blocking: no collective, so a long
 preparation never meets the process group's timeout, only ``prepare_timeout_s``. Without a group they
 poll for the ``.data_ready`` marker. A folder whose
-manifest has the same settings hash and whose source files kept their size and mtime is reused.
+manifest has the same settings hash and whose source files kept their size and mtime (and content, for
+small files) is reused. A new preparation is written into a staging folder beside the folder and swapped
+in only when complete, so a failure (a full disk, a kill) leaves the earlier splits whole.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from ftpipe.config.mix import SourceSettings, source_settings
-from ftpipe.config.paths import check_output_folder, prepare_settings, prepared_data_dir, settings_hash
+from ftpipe.config.paths import (
+    check_output_folder,
+    looks_local,
+    prepare_settings,
+    prepared_data_dir,
+    settings_hash,
+)
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.build import READY_MARKER, SPLIT_FILES, build_prepared
 from ftpipe.data.errors import DataError, PrepareTimeoutError
-from ftpipe.data.manifest import read_manifest
+from ftpipe.data.manifest import MANIFEST_NAME, PREPARED_KEYS, read_manifest
 from ftpipe.data.sources import Source, resolve_source, source_fingerprint
+from ftpipe.utils.folders import recover, staging_dir, swap_in
 from ftpipe.utils.logging import get_logger, global_rank
 from ftpipe.utils.world import distributed, local_rank
 
@@ -98,7 +110,8 @@ def check_prepared(
         changed = sorted(p for p in before.keys() | now.keys() if before.get(p) != now.get(p))
         return (
             None,
-            f"the source changed since it was prepared ({', '.join(changed[:3])}: size or mtime differs)",
+            f"the source changed since it was prepared ({', '.join(changed[:3])}: size, mtime or content "
+            "differs)",
         )
     return manifest, None
 
@@ -125,13 +138,118 @@ def _flat(fingerprints: list[list[dict]]) -> list[dict]:
     return [entry for files in fingerprints for entry in files]
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the sources name it
+        return Path(os.path.abspath(path.expanduser()))
+
+
+def _glob_reaches(pattern: list[str], below: tuple[str, ...]) -> bool:
+    """Whether the glob components ``pattern`` (from its fixed folder on) can match a file inside a
+    sub-folder of the folder ``below`` (relative to that fixed folder)."""
+    if "**" in pattern and not below:
+        return True
+    if not below:
+        return len(pattern) > 1
+    if not pattern:
+        return False
+    if pattern[0] == "**":
+        return _glob_reaches(pattern[1:], below) or _glob_reaches(pattern, below[1:])
+    return fnmatchcase(below[0], pattern[0]) and _glob_reaches(pattern[1:], below[1:])
+
+
+def _source_folder_holding(item: str, data_dir: Path) -> Path | None:
+    """The folder of the local source ``item`` (a folder, or a glob's fixed folder) that holds
+    ``data_dir`` such that the source would read the prepared files; None when there is none."""
+    path = Path(item).expanduser()
+    if any(c in item for c in "*?["):
+        parts = path.parts
+        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+        root = _resolved(Path(*parts[:fixed]) if fixed else Path("."))
+        if (data_dir == root or root in data_dir.parents) and _glob_reaches(
+            list(parts[fixed:]), data_dir.relative_to(root).parts
+        ):
+            return root
+        return None
+    if path.is_dir():
+        root = _resolved(path)
+        if data_dir == root or root in data_dir.parents:
+            return root
+    return None
+
+
+def check_data_dir_outside_sources(cfg: PipelineConfig) -> None:
+    """Refuse a ``data_dir`` equal to or inside a local source's folder (or a glob's folder it reaches):
+    the next run would read the prepared files back as source data. Checked before anything is written."""
+    data_dir = _resolved(Path(cfg.data.data_dir))
+    for spec in source_settings(cfg.data):
+        given = spec.data.dataset.strip()
+        if not looks_local(given):
+            continue
+        for item in (s.strip() for s in given.split(",") if s.strip()):
+            root = _source_folder_holding(item, data_dir)
+            if root is not None:
+                field = "dataset" if spec.origin == "dataset" else f"{spec.origin}.dataset"
+                raise DataError(
+                    f"data_dir: {cfg.data.data_dir} is inside the folder {root} of {field} {item!r}, so the "
+                    "prepared files would be read back as source data on the next run; give data_dir a "
+                    f"folder outside {root}"
+                )
+
+
+#: A full disk or an exceeded quota while preparing: one message naming data_dir and the file.
+_NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _no_room(err: OSError) -> str | None:
+    """Why ``err`` is a full disk (``datasets`` and Arrow raise some without an errno), else None."""
+    if err.errno in _NO_ROOM:
+        return _NO_ROOM[err.errno]
+    text = str(err).lower()
+    return next((why for why in _NO_ROOM.values() if why in text), None)
+
+
+def _build_staged(
+    cfg: PipelineConfig,
+    resolved: list[tuple[SourceSettings, Source]],
+    fingerprints: list[list[dict]],
+    settings: dict,
+    digest: str,
+    folder: Path,
+) -> dict:
+    """Prepare into a staging folder beside ``folder`` and swap it in when complete; on any failure the
+    staging folder goes and ``folder`` (the earlier splits) stays as it was."""
+    staging = staging_dir(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        manifest = build_prepared(cfg, resolved, fingerprints, settings, digest, staging)
+        swap_in(staging, folder)
+        return manifest
+    except OSError as err:
+        why = _no_room(err)
+        if why is None:
+            raise
+        written = Path(os.fsdecode(err.filename or err.filename2 or staging))
+        what = f"into {written}" if written.is_dir() else str(written)
+        kept = f"the earlier splits in {folder} are unchanged" if folder.is_dir() else "nothing was kept"
+        raise DataError(
+            f"data_dir: {cfg.data.data_dir} ran out of room while preparing {folder.name}: {why} writing "
+            f"{what} ({kept}). Free space there, or give data_dir a folder on a disk with room"
+        ) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _prepare_rank0(cfg: PipelineConfig, folder: Path) -> PreparedData:
     data = cfg.data
+    check_data_dir_outside_sources(cfg)
     resolved = _resolve_sources(cfg)
     settings = prepare_settings(data)
     digest = settings_hash(settings)
     check_output_folder("data_dir", folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     lock_path = folder.parent / f".{folder.name}.lock"
     try:
         lock = FileLock(str(lock_path), timeout=data.prepare_timeout_s)
@@ -142,16 +260,17 @@ def _prepare_rank0(cfg: PipelineConfig, folder: Path) -> PreparedData:
             "wait for it, raise prepare_timeout_s, or delete the lock file if no ftpipe process is running"
         ) from err
     try:
+        recover(folder)
         fingerprints = _fingerprints(resolved)
         manifest, why = check_prepared(folder, digest, _flat(fingerprints))
         if manifest is not None:
             log.info("Reusing prepared data in %s (same settings %s, source unchanged)", folder, digest)
             return _result(folder, manifest, reused=True)
         if why:
-            log.info("Preparing again: %s", why)
+            log.warning("Preparing again: %s", why)
         names = ", ".join(spec.data.dataset for spec, _ in resolved)
         log.info("Preparing %s into %s", names, folder)
-        manifest = build_prepared(cfg, resolved, fingerprints, settings, digest, folder)
+        manifest = _build_staged(cfg, resolved, fingerprints, settings, digest, folder)
         return _result(folder, manifest, reused=False)
     finally:
         lock.release()
@@ -252,8 +371,49 @@ def _prepare_in_group(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedD
     return _result(folder, manifest, reused=True)
 
 
+#: Rows of each split of a ``prepared_dir`` checked to be prepared rows.
+_CHECKED_ROWS = 20
+
+
+def _check_prepared_rows(path: Path) -> None:
+    """The first rows of a ``prepared_dir`` split must be ftpipe's prepared rows (``{"input", "output"}``
+    or ``{"messages"[, "tools"]}``, with ``id`` and ``source``), not raw data."""
+    fix = (
+        f"prepared_dir must hold the files `ftpipe prepare` writes ({MANIFEST_NAME} beside them); for raw "
+        "data, unset prepared_dir and point `dataset` at it instead"
+    )
+    seen = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"prepared_dir: {path}: line {lineno}: unparsable JSON ({err.msg}); {fix}"
+                ) from err
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"prepared_dir: {path}: line {lineno} is a JSON {type(row).__name__}, not a prepared row; {fix}"
+                )
+            other = sorted(set(row) - PREPARED_KEYS)
+            shaped = ("input" in row and "output" in row) or "messages" in row
+            if other or not shaped:
+                has = f"has the keys {sorted(row)}" + (
+                    f" ({', '.join(other)} not prepared fields)" if other else ""
+                )
+                raise DataError(
+                    f"prepared_dir: {path}: line {lineno} {has}; a prepared row holds input and output, or "
+                    f"messages (with tools), besides id and source: this looks like raw data. {fix}"
+                )
+            seen += 1
+            if seen >= _CHECKED_ROWS:
+                return
+
+
 def _given_prepared(folder: Path) -> PreparedData:
-    """``prepared_dir``: the three split files as they are (counted, not rewritten)."""
+    """``prepared_dir``: the three split files as they are (checked and counted, not rewritten)."""
     missing = [name for name in SPLIT_FILES.values() if not (folder / name).is_file()]
     if missing:
         raise DataError(
@@ -261,6 +421,8 @@ def _given_prepared(folder: Path) -> PreparedData:
             f"{', '.join(SPLIT_FILES.values())} (as `ftpipe prepare` writes them), or unset prepared_dir "
             "and give the raw data as dataset"
         )
+    for name in SPLIT_FILES.values():
+        _check_prepared_rows(folder / name)
     counts = {}
     for split, name in SPLIT_FILES.items():
         with open(folder / name, encoding="utf-8") as fh:

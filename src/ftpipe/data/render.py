@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ftpipe.config.schema import DataConfig
 from ftpipe.data.chat import THINK_CLOSE, THINK_OPEN, split_think
 from ftpipe.errors import FtpipeError
+from ftpipe.model.tokenizer import chat_template_origin, template_error_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -42,6 +43,11 @@ class ChatTemplateError(FtpipeError, ValueError):
 
 def model_name(tokenizer: PreTrainedTokenizerBase) -> str:
     return tokenizer.name_or_path or type(tokenizer).__name__
+
+
+def template_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's chat template for messages: the user's ``chat_template`` file, else the model's."""
+    return chat_template_origin(tokenizer)
 
 
 def require_chat_template(tokenizer: PreTrainedTokenizerBase, reason: str) -> None:
@@ -69,14 +75,25 @@ def render(
     tools: Sequence[Mapping[str, Any]] | None = None,
     kwargs: Mapping[str, Any] | None = None,
 ) -> str:
-    """The chat template's text of ``messages`` (with the generation prompt when ``generation``)."""
-    return tokenizer.apply_chat_template(
-        list(messages),
-        tools=list(tools) if tools else None,
-        add_generation_prompt=generation,
-        tokenize=False,
-        **(kwargs or {}),
-    )
+    """The chat template's text of ``messages`` (with the generation prompt when ``generation``).
+
+    A template that fails (a Jinja syntax error, its own ``raise_exception``, any error while rendering)
+    is a ChatTemplateError naming the template (the ``chat_template`` file, else the model's) and the
+    Jinja message.
+    """
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages),
+            tools=list(tools) if tools else None,
+            add_generation_prompt=generation,
+            tokenize=False,
+            **(kwargs or {}),
+        )
+    except Exception as err:  # the template is the user's (or the model's) Jinja: its failure is theirs
+        raise ChatTemplateError(
+            f"{template_name(tokenizer)} cannot render the conversation: {template_error_text(err)}. "
+            "Fix the template (chat_template), or the row"
+        ) from err
 
 
 @functools.lru_cache(maxsize=32)
@@ -152,8 +169,9 @@ def check_tool_template(tokenizer: PreTrainedTokenizerBase, reason: str) -> None
     messages, tools = _probe_conversation()
     try:
         text = render(tokenizer, messages, generation=False, tools=tools)
-    except Exception as err:
-        text, failure = "", f"it fails on a tool conversation ({type(err).__name__}: {err})"
+    except ChatTemplateError as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        text, failure = "", f"it fails on a tool conversation ({template_error_text(cause)})"
     else:
         dropped = [
             what
@@ -167,7 +185,7 @@ def check_tool_template(tokenizer: PreTrainedTokenizerBase, reason: str) -> None
         failure = f"it drops {', '.join(dropped)}" if dropped else ""
     if failure:
         raise ChatTemplateError(
-            f"{reason}, but the chat template of {model_name(tokenizer)} cannot render them: {failure}. "
+            f"{reason}, but {template_name(tokenizer)} cannot render them: {failure}. "
             "Set chat_template to a template that renders tools: chatml-tools (shipped with ftpipe: "
             "schemas in the system turn, <tool_call> / <tool_response> tags) or a Jinja file of your own."
         )
@@ -198,11 +216,14 @@ def chat_pieces(
         return ChatPieces([])
 
     def turn(i: int) -> tuple[str, str]:
-        prefix = render(tokenizer, messages[:i], generation=True, tools=tools, kwargs=kwargs) if i else ""
-        full = render(tokenizer, messages[: i + 1], generation=False, tools=tools, kwargs=kwargs)
+        try:
+            prefix = render(tokenizer, messages[:i], generation=True, tools=tools, kwargs=kwargs) if i else ""
+            full = render(tokenizer, messages[: i + 1], generation=False, tools=tools, kwargs=kwargs)
+        except ChatTemplateError as err:
+            raise ChatTemplateError(f"{row_name}: {err}") from err.__cause__
         if not full.startswith(prefix):
             raise ChatTemplateError(
-                f"{row_name}: the chat template of {model_name(tokenizer)} renders assistant turn {i} so that "
+                f"{row_name}: {template_name(tokenizer)} renders assistant turn {i} so that "
                 "the conversation before it, with the generation prompt, is not its start: the model "
                 "would be trained on text it never sees at inference. Give chat_template a template whose "
                 "generation prompt is how its assistant turns begin."

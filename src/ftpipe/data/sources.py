@@ -10,10 +10,13 @@ numbers for JSON Lines, 0-based row indices for JSON arrays, CSV (header exclude
 
 from __future__ import annotations
 
+import errno
 import glob
+import hashlib
 import json
 import os
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ import datasets
 from ftpipe.config.paths import looks_local
 from ftpipe.data.errors import DataError
 from ftpipe.data.jsonscan import RAW_COLUMN, SCANNERS, BadRecord, scan_file
+from ftpipe.data.manifest import READY_MARKER
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -100,10 +104,58 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def _not_prepared(paths: list[Path], item: str) -> list[Path]:
+    """``paths`` without the files of ftpipe's own prepared folders (those holding its ready marker)."""
+    kept = [p for p in paths if not (p.parent / READY_MARKER).is_file()]
+    if len(kept) < len(paths):
+        log.warning(
+            "dataset %r: skipped %d files of ftpipe's prepared data lying under it (prepared output is never "
+            "read as source data)",
+            item,
+            len(paths) - len(kept),
+        )
+    return kept
+
+
+def _not_a_file(path: Path, item: str) -> str | None:
+    """Why ``path`` cannot be read as data when it is there but neither a file nor a folder (a symbolic
+    link loop or to nothing, a pipe, a device); None when it is a file, a folder or not there at all."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return (
+                f"dataset: {item!r} is a symbolic link loop (following its links leads back to {path}); "
+                "point dataset at the data file itself"
+            )
+        if os.path.islink(path):
+            return (
+                f"dataset: {item!r} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                "point dataset at the data file itself"
+            )
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return (
+            f"dataset: {item!r} is a pipe (a FIFO, or a shell's <(...) process substitution), not a regular "
+            "file: ftpipe reads the data more than once. Save it to a file first (`... > data.jsonl`) and "
+            "give that file"
+        )
+    kind = "socket" if stat.S_ISSOCK(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None
+    kind = kind or "special file"
+    return f"dataset: {item!r} is a {kind}, not a regular file; give a data file (or a folder of them)"
+
+
 def _expand(item: str) -> list[Path]:
     path = Path(item).expanduser()
-    if any(c in item for c in "*?["):
+    problem = _not_a_file(path, item)
+    if problem:
+        raise DataError(problem)
+    # a name that exists is taken as it is, even with glob characters in it (``train[1].jsonl``)
+    if any(c in item for c in "*?[") and not os.path.lexists(path):
         matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        matches = _not_prepared(matches, item)
         found = [p for p in matches if _supported(p)]
         if not found:
             raise DataError(
@@ -114,6 +166,7 @@ def _expand(item: str) -> list[Path]:
         found = sorted(
             p for p in path.rglob("*") if p.is_file() and _supported(p) and not _hidden(p.relative_to(path))
         )
+        found = _not_prepared(found, item)
         if not found:
             raise DataError(f"dataset: folder {path} holds neither a save_to_disk data set nor data files")
         return found
@@ -142,15 +195,33 @@ def resolve_source(dataset: str) -> Source:
     return Source(given, "files", files=tuple(dict.fromkeys(files)))
 
 
+#: Source files are content-hashed (besides size and mtime) while their sizes add up to at most this.
+HASH_BUDGET_BYTES = 64 * 2**20
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def source_fingerprint(source: Source) -> list[dict]:
-    """Path, size and mtime of every local file of the source (empty for hub data)."""
+    """Resolved path, size and mtime of every local file of the source (empty for hub data), and the
+    SHA-256 of the first files while their sizes stay within ``HASH_BUDGET_BYTES`` (a same-size edit
+    within the file system's mtime granularity is caught too; large data is not read twice)."""
     paths = list(source.files)
     if source.folder is not None:
         paths = sorted(p for p in source.folder.rglob("*") if p.is_file())
-    entries = []
+    entries, budget = [], HASH_BUDGET_BYTES
     for path in paths:
         st = path.stat()
-        entries.append({"path": str(path), "size": st.st_size, "mtime": st.st_mtime})
+        entry: dict = {"path": str(path), "size": st.st_size, "mtime": st.st_mtime}
+        if st.st_size <= budget:
+            budget -= st.st_size
+            entry["sha256"] = _sha256(path)
+        entries.append(entry)
     return entries
 
 

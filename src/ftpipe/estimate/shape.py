@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,10 @@ OUTPUT_PROJECTIONS = frozenset(
 
 class ModelConfigUnavailable(FtpipeError):
     """The model's config.json cannot be read (offline and not cached, or a wrong id)."""
+
+
+class ModelSizeUnknown(FtpipeError):
+    """The model's config.json leaves out a size that transformers would fill with its class default."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,71 @@ def _load_config(cfg: PipelineConfig):
             f"{err}. ftpipe estimate needs only the model's config.json, not its weights: put config.json "
             "in a folder and pass that folder as --hf_model_id"
         ) from err
+
+
+#: The sizes the estimate reads: config.json must give each (under the name the model type uses for it).
+REQUIRED_SIZES = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+    "intermediate_size",
+)
+
+
+def _raw_config(cfg: PipelineConfig) -> tuple[dict, str] | None:
+    """config.json as written (a local folder's, else the hub cache's) and how to name it; None when it
+    cannot be read here (the configuration was then not read from a file)."""
+    from transformers import PretrainedConfig
+
+    from ftpipe.model.embedded import resolve_model_path
+
+    path = resolve_model_path(cfg.model.hf_model_id, cfg.model.model_cache_dir)
+    local = Path(path) / "config.json"
+    try:
+        if local.is_file():
+            return json.loads(local.read_text(encoding="utf-8")), str(local)
+        raw, _ = PretrainedConfig.get_config_dict(path)
+    except Exception:  # read once already by transformers: nothing more to check here
+        return None
+    return raw, f"the config.json of {cfg.model.hf_model_id!r}"
+
+
+def _class_default(text, name: str) -> object:
+    try:
+        return getattr(type(text)(), name, None)
+    except Exception:  # a configuration class that needs arguments: no default to compare
+        return None
+
+
+def check_sizes_given(cfg: PipelineConfig, config) -> None:
+    """Raise ModelSizeUnknown when config.json leaves out a size the estimate reads (transformers would
+    fill it with its class default: a 4096-wide Llama); the names a model type uses (``n_embd``,
+    ``d_model``) come from its configuration class's ``attribute_map``."""
+    found = _raw_config(cfg)
+    if found is None or not isinstance(found[0], dict):
+        return
+    raw, where = found
+    text = _text_config(config)
+    if text is not config and isinstance(raw.get("text_config"), dict):
+        raw = raw["text_config"]
+    aliases = getattr(type(text), "attribute_map", {}) or {}
+    missing = []
+    for name in REQUIRED_SIZES:
+        names = dict.fromkeys([name, aliases.get(name, name)])
+        if any(n in raw for n in names) or getattr(text, name, None) is None:
+            continue
+        default = _class_default(text, name)
+        if default is not None and getattr(text, name) != default:  # derived from the sizes it gives
+            continue
+        missing.append(" / ".join(names))
+    if missing:
+        model_type = getattr(text, "model_type", None) or "this model type"
+        raise ModelSizeUnknown(
+            f"hf_model_id: {where} does not give {', '.join(missing)} (model type {model_type}); ftpipe "
+            "estimate never assumes a model's sizes (transformers would take its class defaults): add the "
+            "key(s) to config.json"
+        )
 
 
 def _norm_elements(name: str, module: torch.nn.Module, shape: dict[str, int]) -> int:
@@ -244,8 +315,10 @@ def model_shape(cfg: PipelineConfig, probe_above: int = PROBE_ABOVE_LAYERS) -> M
     Raises:
         ModelConfigUnavailable: the model's configuration cannot be read; the message says to pass a
             local folder holding config.json.
+        ModelSizeUnknown: config.json leaves out a size (the message names the file and the key).
     """
     config = _load_config(cfg)
+    check_sizes_given(cfg, config)
     text = _text_config(config)
     hidden = int(text.hidden_size)
     heads = int(text.num_attention_heads)

@@ -183,10 +183,11 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str) -> EvalResult:
     from ftpipe.evaluate.generate import build_prompts
     from ftpipe.evaluate.report import write_report
     from ftpipe.model.embedded import resolve_model_path
-    from ftpipe.model.tokenizer import load_tokenizer
+    from ftpipe.model.tokenizer import check_tokenizer_files, load_tokenizer
 
     start = time.monotonic()
     cfg = validate_config(cfg)
+    check_tokenizer_files(finetuned_path, "export_dir" if cfg.export.export_dir else "the fine-tuned model")
     test_file, rows = rows_to_score(cfg)
     tokenizer = load_tokenizer(cfg.model)
     prompts = build_prompts(tokenizer, rows, cfg.data)

@@ -45,6 +45,8 @@ def worker_command(request: Path, output: Path) -> list[str]:
         str(request),
         "--output",
         str(output),
+        "--parent",
+        str(os.getpid()),
     ]
 
 

@@ -3,12 +3,20 @@
 ``LLM(...)`` starts its engine in a spawned process, which only works from a ``__main__`` guard; this
 module is that guard. On the CPU it runs with ``enforce_eager=True`` (and the ``VLLM_CPU_KVCACHE_SPACE``
 that ``ftpipe.evaluate.vllm_backend`` sets).
+
+The worker runs in a process group of its own (its engine processes with it), so a signal to ftpipe's
+group does not reach it: it ends with its parent instead (``PR_SET_PDEATHSIG``), and a SIGTERM, from the
+parent's cleanup or from the kernel, takes its whole group down, so no engine is left holding memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
+import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,12 +88,28 @@ def run_vllm_worker(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent(parent: int) -> None:
+    """SIGTERM ends the worker's whole group; the kernel sends it when the parent ``parent`` dies."""
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(os.getpgrp(), signal.SIGKILL))
+    name = ctypes.util.find_library("c")
+    if name is not None:
+        ctypes.CDLL(name, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The vLLM worker: ``--request`` JSON (model_path, prompts, settings) in, ``--output`` JSON out."""
     parser = argparse.ArgumentParser(description="ftpipe vLLM generation worker")
     parser.add_argument("--request", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--parent", type=int, default=None, help="pid of ftpipe: the worker ends with it")
     args = parser.parse_args(argv)
+    if args.parent is not None:
+        _end_with_parent(args.parent)
     setup_logging()
     result = run_vllm_worker(json.loads(args.request.read_text(encoding="utf-8")))
     tmp = args.output.with_suffix(".partial")

@@ -19,7 +19,6 @@ beside the export as config.yaml.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -28,8 +27,9 @@ from typing import Any
 
 import torch
 
-from ftpipe.config import checkpoints_dir, results_root, save_config
-from ftpipe.config.paths import EMBEDDED_MODEL_ID, check_output_folder, run_checkpoint_dirs
+from ftpipe.config import results_root, save_config
+from ftpipe.config.paths import EMBEDDED_MODEL_ID, check_output_folder
+from ftpipe.config.runs import RunManifest, find_run, run_of_checkpoint
 from ftpipe.config.schema import EMBEDDED_MODEL, PipelineConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.export.card import write_model_card
@@ -51,7 +51,6 @@ _LORA_FIELDS = (
     "init_lora_weights",
     "modules_to_save",
 )
-_VAL_LOSS = re.compile(r"val_loss=([0-9.eE+-]+?)(?:\.ckpt)?$")
 
 
 class ExportError(FtpipeError, RuntimeError):
@@ -71,6 +70,12 @@ class ExportResult:
         dtype: dtype of the saved weights.
         size_bytes: total size of the folder's files.
         seconds: how long the export took.
+        run_id: the training run that wrote the checkpoint (None: a checkpoint of no known run).
+        run_manifest: that run's manifest.
+        checkpoint_step: the checkpoint's global step.
+        checkpoint_stamp: the checkpoint's identity when exported (``provenance_stamp``): a later
+            checkpoint under the same name (a resumed run) makes the export stale.
+        exported_at: when (UTC).
     """
 
     path: str
@@ -81,6 +86,11 @@ class ExportResult:
     dtype: str
     size_bytes: int
     seconds: float
+    run_id: str | None = None
+    run_manifest: str | None = None
+    checkpoint_step: int | None = None
+    checkpoint_stamp: str | None = None
+    exported_at: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,19 +100,9 @@ class ExportResult:
 # which checkpoint, where to
 
 
-def newest_run_dir(cfg: PipelineConfig) -> Path:
-    """``checkpoint_dir`` when set, else the newest ``version_<N>`` folder of ``checkpoints_dir(cfg)``."""
-    runs = run_checkpoint_dirs(cfg)
-    if not runs:
-        raise ExportError(
-            f"checkpoint: no training run under {checkpoints_dir(cfg)} (results_dir {cfg.train.results_dir!r}, "
-            f"hf_model_id {cfg.model.hf_model_id!r}); train first (`ftpipe train`) or give a checkpoint path"
-        )
-    return runs[-1]
-
-
-def resolve_checkpoint(cfg: PipelineConfig) -> Path:
-    """``checkpoint``: ``best`` (lowest val_loss in the newest run, else its last), ``last`` or a path."""
+def resolve_checkpoint(cfg: PipelineConfig) -> tuple[Path, RunManifest | None]:
+    """``checkpoint``: ``best`` / ``last`` of the run meant (``run_id``, else the newest run), read from that
+    run's manifest, or a path. Returns the checkpoint and the run that wrote it (None when unknown)."""
     choice = cfg.export.checkpoint
     if choice not in ("best", "last"):
         path = Path(choice).expanduser()
@@ -110,21 +110,61 @@ def resolve_checkpoint(cfg: PipelineConfig) -> Path:
             raise ExportError(
                 f"checkpoint: {path} does not exist; give a checkpoint file/folder, best or last"
             )
-        return path
-    run = newest_run_dir(cfg)
-    last = run / "last.ckpt"
-    if choice == "best":
-        scored = []
-        for candidate in run.glob("*val_loss=*"):
-            match = _VAL_LOSS.search(candidate.name)
-            if match:
-                scored.append((float(match.group(1)), candidate))
-        if scored:
-            return min(scored)[1]
-        log.info("no checkpoint with a val_loss in %s (no validation ran): using the last one", run)
-    if not last.exists():
-        raise ExportError(f"checkpoint: {run} has no last.ckpt; give a checkpoint path")
-    return last
+        return path, run_of_checkpoint(path)
+    run = find_run(cfg)
+    path = run.checkpoint(choice)
+    if choice == "best" and run.best is None and path is not None:
+        log.info(
+            "run %s has no checkpoint with a val_loss (no validation ran): using its last one", run.run_id
+        )
+    if path is None or not path.exists():
+        raise ExportError(
+            f"checkpoint: {run.describe()} lists no {choice} checkpoint on disk"
+            f"{f' ({path.name} is missing)' if path is not None else ''}; give a checkpoint path, or another "
+            "run_id"
+        )
+    return path, run
+
+
+def provenance_stamp(path: Path) -> str:
+    """A checkpoint's identity on disk: its resolved path, size and modification time (of ``meta.pt`` for a
+    distributed folder, written last)."""
+    path = Path(path).expanduser().resolve()
+    probe = path / "meta.pt" if path.is_dir() else path
+    stat = probe.stat()
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def read_export_info(folder: Path) -> dict[str, Any] | None:
+    """``ftpipe_export.json`` of an export folder (None when the folder is no ftpipe export)."""
+    path = Path(folder) / EXPORT_INFO_FILE
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def stale_export(cfg: PipelineConfig, folder: Path) -> str | None:
+    """Why the export in ``folder`` is not the model ``cfg``'s ``checkpoint`` means now (None when it is):
+    made from another checkpoint, from another run than the one meant, or from a checkpoint that has
+    been written again since (a resumed run). An export of no known run is taken as it is."""
+    info = read_export_info(folder)
+    if info is None:
+        return f"{folder} is not an ftpipe export (no {EXPORT_INFO_FILE})"
+    try:
+        wanted, run = resolve_checkpoint(cfg)
+    except FtpipeError:
+        return None  # nothing to compare with: the export stands as it is
+    made_from = info.get("checkpoint")
+    if run is not None and info.get("run_id") not in (None, run.run_id):
+        return f"it was exported from run {info.get('run_id')}, but the run meant is {run.run_id}"
+    if made_from and Path(made_from).expanduser().resolve() != wanted.expanduser().resolve():
+        return f"it was exported from {made_from}, but checkpoint {cfg.export.checkpoint!r} is now {wanted}"
+    stamp = info.get("checkpoint_stamp")
+    if stamp and wanted.exists() and stamp != provenance_stamp(wanted):
+        return f"{wanted} has been written again since the export ({info.get('exported_at', '?')})"
+    return None
 
 
 def default_export_dir(cfg: PipelineConfig, kind: str) -> Path:
@@ -264,6 +304,12 @@ def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def check_export_target(cfg: PipelineConfig) -> None:
+    """Before training (``ftpipe run``): the export that will follow can be written where it will go."""
+    lora = cfg.model.finetuning == "lora"
+    _check_target(cfg, default_export_dir(cfg, "adapter" if lora and not cfg.export.merge else "merged"))
+
+
 def _check_target(cfg: PipelineConfig, folder: Path) -> None:
     """Before any work: the export can go to ``folder`` (new, empty, or a previous ftpipe export)."""
     field = "export_dir" if cfg.export.export_dir else "results_dir"
@@ -294,8 +340,8 @@ def export_model(cfg: PipelineConfig) -> ExportResult:
     from ftpipe.model.load import load_model_config
 
     start = time.monotonic()
-    ckpt_path = resolve_checkpoint(cfg)
-    log.info("exporting checkpoint %s", ckpt_path)
+    ckpt_path, run = resolve_checkpoint(cfg)
+    log.info("exporting checkpoint %s%s", ckpt_path, f" of run {run.run_id}" if run is not None else "")
     ckpt = read_checkpoint(ckpt_path)
     cfg = _training_config(cfg, ckpt)
     lora = ckpt.is_lora
@@ -317,7 +363,7 @@ def export_model(cfg: PipelineConfig) -> ExportResult:
     staging = staging_dir(out)
     staging.mkdir(parents=True)
     try:
-        result = _write_export(cfg, ckpt, kind, base_path, dtype, staging, out)
+        result = _write_export(cfg, ckpt, kind, base_path, dtype, staging, out, run)
         swap_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -343,6 +389,7 @@ def _write_export(
     dtype: torch.dtype,
     folder: Path,
     out: Path,
+    run: RunManifest | None = None,
 ) -> ExportResult:
     """Build the model from the checkpoint and save it, its tokenizer, config and export info in ``folder``
     (``out`` is where it will be)."""
@@ -371,6 +418,11 @@ def _write_export(
         dtype=str(dtype).removeprefix("torch."),
         size_bytes=0,
         seconds=0.0,
+        run_id=run.run_id if run is not None else None,
+        run_manifest=str(run.path) if run is not None else None,
+        checkpoint_step=ckpt.global_step,
+        checkpoint_stamp=provenance_stamp(ckpt.path),
+        exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     info = {**result.to_dict(), "base_model_local_path": result.base_model_path}
     (folder / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -269,3 +269,13 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointWeights:
             raise CheckpointError(f"checkpoint {path}: keys {key!r} and another both map to {name!r}")
         weights[name] = tensor
     return CheckpointWeights(path=path, weights=weights, meta=meta, global_step=step)
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """ftpipe's metadata of a checkpoint (its ``config`` among others) without reading the weights of a
+    distributed folder; ``{}`` when the checkpoint carries none."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        meta_pt = path / DCP_METADATA_FILE
+        return dict(_load_meta_pt(meta_pt).get(META_KEY) or {}) if meta_pt.is_file() else {}
+    return dict(read_checkpoint(path).meta)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ftpipe.config.schema import ModelConfig
 from ftpipe.model.embedded import resolve_model_path
@@ -76,10 +77,122 @@ def apply_chat_template_setting(tokenizer: PreTrainedTokenizerBase, model_cfg: M
     """
     if model_cfg.chat_template is None:
         return
-    from ftpipe.templates import chat_template_text
+    from ftpipe.templates import SHIPPED_CHAT_TEMPLATES, chat_template_text
 
+    value = model_cfg.chat_template
+    shipped = value in SHIPPED_CHAT_TEMPLATES
+    source = value if shipped else str(Path(value).expanduser().resolve())
+    where = f"chat_template: {source}"
     try:
-        tokenizer.chat_template = chat_template_text(model_cfg.chat_template)
+        text = chat_template_text(value)
     except OSError as err:
         raise TokenizerLoadError(str(err)) from err
-    log.debug("chat template: %s (chat_template)", model_cfg.chat_template)
+    except UnicodeDecodeError as err:
+        raise TokenizerLoadError(
+            f"{where}: not UTF-8 text (byte {err.start}); save the Jinja template as UTF-8"
+        ) from err
+    if not text.strip():
+        raise TokenizerLoadError(
+            f"{where}: the file is empty; write a Jinja chat template into it, or remove chat_template "
+            "to use the model's own"
+        )
+    tokenizer.chat_template = text
+    origin = f"ftpipe's {value} chat template" if shipped else f"the chat template file {source}"
+    setattr(tokenizer, _ORIGIN, (f"{origin} (chat_template)", text))
+    check_chat_template(tokenizer, where)
+    log.debug("chat template: %s (chat_template)", value)
+
+
+#: attribute of a tokenizer given ``chat_template``: (where its template comes from, the template's text).
+_ORIGIN = "ftpipe_chat_template_origin"
+#: the plainest conversations a chat template must render: one of them at least.
+_PROBES = (
+    [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}],
+    [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ping"},
+        {"role": "assistant", "content": "pong"},
+    ],
+)
+
+
+def chat_template_origin(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Where the tokenizer's chat template comes from, for messages: the ``chat_template`` file (or shipped
+    name) it was given, else the model's own."""
+    origin = getattr(tokenizer, _ORIGIN, None)
+    if origin and origin[1] == getattr(tokenizer, "chat_template", None):
+        return origin[0]
+    return f"the chat template of {tokenizer.name_or_path or type(tokenizer).__name__}"
+
+
+def template_error_text(err: BaseException) -> str:
+    """A Jinja error as the user's template shows it: ``line N: <message>`` for a syntax error,
+    ``raise_exception: <message>`` for the template's own stop, else ``<type>: <message>``."""
+    import jinja2
+
+    if isinstance(err, jinja2.TemplateSyntaxError):
+        return f"line {err.lineno}: Jinja syntax error: {err.message}"
+    if type(err) is jinja2.TemplateError:  # what the templates' raise_exception(...) raises
+        return f"the template raised an error: {err}"
+    return f"{type(err).__name__}: {err}"
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Raise TokenizerLoadError naming ``where`` (the ``chat_template`` setting) when the template does not
+    compile, or renders neither a plain user / assistant conversation nor one with a system turn."""
+    first: Exception | None = None
+    for probe in _PROBES:
+        try:
+            tokenizer.apply_chat_template(probe, tokenize=False)
+            return
+        except Exception as err:  # the user's Jinja: whatever it raises is the template's problem
+            first = first or err
+            if type(err).__name__ == "TemplateSyntaxError":
+                break
+    assert first is not None
+    raise TokenizerLoadError(
+        f"{where}: {template_error_text(first)} (rendering a plain user / assistant conversation). Fix the "
+        "template, or remove chat_template to use the model's own"
+    ) from first
+
+
+#: files a saved tokenizer needs: its settings, and its vocabulary in one of these forms.
+_TOKENIZER_SETTINGS = "tokenizer_config.json"
+_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def missing_tokenizer_files(folder: Path) -> list[str]:
+    """The tokenizer files ``folder`` lacks (empty when it holds a tokenizer to load)."""
+    missing = [] if (folder / _TOKENIZER_SETTINGS).is_file() else [_TOKENIZER_SETTINGS]
+    vocabularies = [folder / name for name in _VOCABULARIES] + list(folder.glob("*.tiktoken"))
+    has_vocabulary = any(path.is_file() for path in vocabularies)
+    return ([] if has_vocabulary else ["tokenizer.json"]) + missing
+
+
+def load_folder_tokenizer(folder: str | Path, field: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved in a model folder (an export); a TokenizerLoadError naming ``field``, the folder
+    and the missing files when it has none, or naming what went wrong when it cannot be loaded."""
+    check_tokenizer_files(folder, field)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as err:  # the folder's own files: any failure to read them is the folder's
+        raise TokenizerLoadError(
+            f"{field}: cannot load the tokenizer in {folder} ({short_reason(err)}); export the model again "
+            "or copy its tokenizer files back"
+        ) from err
+
+
+def check_tokenizer_files(folder: str | Path, field: str) -> None:
+    """Raise TokenizerLoadError naming ``field``, the folder and the missing files when a model folder (an
+    export) holds no tokenizer; a hub id or a missing folder is left to the loader."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return
+    missing = missing_tokenizer_files(path)
+    if missing:
+        raise TokenizerLoadError(
+            f"{field}: {path} holds no tokenizer ({' and '.join(missing)} missing); export the model again, "
+            "or copy the tokenizer files of the model it was trained from into the folder"
+        )

@@ -89,6 +89,12 @@ def training_image_uri(region: str, framework_version: str, py_version: str, ins
             image_scope="training",
         )
     except ValueError as err:
+        if str(err).startswith("Unsupported region"):  # the SDK's image table lists the regions it knows
+            raise SageMakerLaunchError(
+                f"region: the SageMaker SDK {sdk_version()} has no PyTorch training image in {region!r} "
+                f"({str(err).split(' You may', 1)[0]}); set --region to a SageMaker region (like us-east-1), "
+                "or set image_uri to an image in that region"
+            ) from err
         raise SageMakerLaunchError(
             f"framework_version / py_version: the SageMaker SDK has no PyTorch training image for "
             f"{framework_version} / {py_version} on {instance_type} in {region} ({err}); pick a listed "

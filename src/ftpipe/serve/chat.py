@@ -6,6 +6,10 @@ the tools of ``--tools`` (a JSON file of function schemas) when given. vLLM gene
 installed (``eval_backend``), transformers otherwise; sampling follows the evaluation settings
 (``temperature``, ``top_p``, ``max_new_tokens``). ``/reset`` forgets the conversation, ``/exit`` (or
 Ctrl-D) ends it; ``--prompt "..."`` answers once and exits, for scripts.
+
+Input must be UTF-8 text: a line of standard input (or a ``--prompt`` / ``--system``) that is not stops
+the chat with one message naming it (exit status 2), rather than sending the model mangled text or
+dropping the lines read with it.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ def _tools(options: ChatOptions) -> list[dict[str, Any]] | None:
         tools = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ChatError(f"tools: {path} cannot be read as JSON ({err})") from err
+    except RecursionError as err:
+        raise ChatError(f"tools: {path} nests lists or objects too deeply to be read") from err
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ChatError(f"tools: {path} must hold a list of function schemas (objects)")
     return tools
@@ -174,16 +180,15 @@ class Conversation:
     """A chat with an exported model: the history, its rendering, and the streamed answers."""
 
     def __init__(self, cfg: PipelineConfig, options: ChatOptions) -> None:
-        from transformers import AutoTokenizer
-
         from ftpipe.evaluate.generate import select_backend
+        from ftpipe.model.tokenizer import load_folder_tokenizer
 
         self.folder = _model_dir(cfg, options)
         self.tools = _tools(options)
         self.system = options.system or cfg.data.system_prompt
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            self.folder, trust_remote_code=cfg.model.trust_remote_code
-        )
+        if self.system:
+            utf8_text(self.system, "system")
+        self.tokenizer = load_folder_tokenizer(self.folder, "model_dir", cfg.model.trust_remote_code)
         if not self.tokenizer.chat_template:
             raise ChatError(f"model_dir: the tokenizer in {self.folder} has no chat template to talk through")
         backend = select_backend(cfg.eval.eval_backend)
@@ -209,6 +214,40 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
 
+def utf8_text(text: str, where: str) -> str:
+    """``text`` when it is UTF-8 text; a ChatError naming ``where`` when it holds bytes that were not (which
+    Python keeps as surrogate escapes on a non-UTF-8 locale or in command-line arguments)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ChatError(
+            f"{where} is not UTF-8 text (an invalid byte at character {err.start + 1}); give UTF-8 text "
+            "(a terminal and locale set to UTF-8, or a UTF-8 file piped in)"
+        ) from None
+    return text
+
+
+def _read_line(number: int) -> str:
+    """Line ``number`` of standard input, after the prompt; EOFError at its end; a ChatError when it is not
+    UTF-8 text. Piped input is read line by line as bytes, so the lines before a bad one are answered."""
+    where = f"standard input: line {number}"
+    raw = getattr(sys.stdin, "buffer", None)
+    try:
+        if raw is None or sys.stdin.isatty():
+            return utf8_text(input(PROMPT), where)  # a terminal: with line editing
+        sys.stdout.write(PROMPT)
+        sys.stdout.flush()
+        line = raw.readline()
+        if not line:
+            raise EOFError
+        return line.decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError as err:
+        raise ChatError(
+            f"{where} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at byte {err.start + 1}); the chat "
+            "stops here. Type or pipe UTF-8 text (a terminal and locale set to UTF-8, or a UTF-8 file)"
+        ) from None
+
+
 def _say(conversation: Conversation, text: str) -> str:
     sys.stdout.write(REPLY)
     sys.stdout.flush()
@@ -225,14 +264,18 @@ def _say(conversation: Conversation, text: str) -> str:
 def chat(cfg: PipelineConfig, options: ChatOptions | None = None) -> list[dict[str, Any]]:
     """Talk to the model (interactively, or once with ``prompt``); returns the conversation."""
     options = options or ChatOptions()
+    if options.prompt is not None:
+        utf8_text(options.prompt, "prompt")
     conversation = Conversation(cfg, options)
     if options.prompt is not None:
         _say(conversation, options.prompt)
         return conversation.messages
     sys.stdout.write("Chat with the model: /reset starts over, /exit (or Ctrl-D) ends.\n")
+    lines = 0
     while True:
+        lines += 1
         try:
-            text = input(PROMPT)
+            text = _read_line(lines)
         except EOFError:
             sys.stdout.write("\n")
             break

@@ -6,7 +6,8 @@ Every save writes ``<name>.tmp`` (a file, or a distributed-checkpoint folder wit
 waits for all ranks, then swaps it in: an existing ``<name>`` (``last.ckpt`` is saved again and again)
 is renamed to ``<name>.old``, ``<name>.tmp`` to ``<name>``, and only then is the old one deleted. A
 crash at any point leaves either the previous complete checkpoint or the new one under the name;
-leftovers (``.tmp`` / ``.old``, never ``*.ckpt``) are ignored by resume and removed by the next save.
+leftovers (``.tmp`` / ``.old``, never ``*.ckpt``) are ignored by resume and removed at the next start
+when their name is a run's own (``ftpipe.config.runs``): ftpipe never deletes by suffix alone.
 Replacing the best checkpoint (keep-top-k) deletes the old one only after the new one is published.
 
 On a cluster without a shared file system (SageMaker multi-node), each node holds the shards of its
@@ -58,11 +59,17 @@ def _swap(tmp: Path, final: Path) -> None:
     _remove(old)
 
 
-def remove_leftovers(folder: Path) -> list[str]:
-    """Delete the ``.tmp`` / ``.old`` leftovers of interrupted saves in ``folder``; returns their names."""
+def remove_leftovers(folder: Path, owned: Callable[[str], bool]) -> list[str]:
+    """Delete the ``.tmp`` / ``.old`` leftovers of interrupted saves in ``folder`` whose checkpoint name
+    ``owned`` says is ftpipe's own (a run manifest lists its run); anything else is left alone. Returns
+    the names removed."""
     if not folder.is_dir():
         return []
-    leftovers = [p for p in folder.iterdir() if p.name.endswith((TMP_SUFFIX, OLD_SUFFIX))]
+    leftovers = [
+        p
+        for p in folder.iterdir()
+        if p.name.endswith((TMP_SUFFIX, OLD_SUFFIX)) and owned(p.name[: -len(TMP_SUFFIX)])
+    ]
     for path in leftovers:
         _remove(path)
     return sorted(p.name for p in leftovers)

@@ -24,9 +24,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from ftpipe.compat import AtomicModelCheckpoint
+from ftpipe.config.runs import RunManifest, manifests_in, new_run_id, run_of_checkpoint
+from ftpipe.config.schema import PipelineConfig
 from ftpipe.train.atomic import remove_leftovers, save_atomically
 from ftpipe.train.faults import NO_FAULTS, Faults
 from ftpipe.train.step import OptimizerStep
@@ -34,6 +36,10 @@ from ftpipe.utils.logging import get_logger
 from ftpipe.utils.world import all_reduce
 
 log = get_logger(__name__)
+
+#: A checkpoint's name after the run id (``<run id>-step=4-val_loss=1.2345.ckpt``; the last is
+#: ``<run id>-last.ckpt``).
+CHECKPOINT_FILENAME = "step={step}-val_loss={val_loss:.4f}"
 
 GIB = 1024**3
 #: Dense bf16 peak TFLOP/s per device, matched against ``torch.cuda.get_device_name()`` (first hit).
@@ -271,14 +277,31 @@ class StepMetrics(Callback):
 
 class BestAndLastCheckpoint(AtomicModelCheckpoint):
     """ModelCheckpoint that also saves ``last`` at the final optimizer step (not only at the last
-    validation that improved), and publishes every checkpoint atomically (``ftpipe.train.atomic``)."""
+    validation that improved), publishes every checkpoint atomically (``ftpipe.train.atomic``) and
+    records each one in the run's manifest (``RunFolders``)."""
 
     def __init__(self, *args: Any, faults: Faults = NO_FAULTS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.faults = faults
+        self.folders: RunFolders | None = None
 
     def write_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         save_atomically(trainer, filepath, self.save_weights_only, self.faults)
+        if self.folders is not None and trainer.is_global_zero:
+            is_last = Path(filepath).name == f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            score = None if is_last else self.current_score
+            self.folders.checkpoint_written(
+                trainer,
+                filepath,
+                float(score) if score is not None else None,
+                best=self.best_model_path or None,
+                last=self.last_model_path or None,
+                best_score=float(self.best_model_score) if self.best_model_score is not None else None,
+            )
+
+    def after_remove(self, trainer: pl.Trainer, filepath: str) -> None:
+        if self.folders is not None and trainer.is_global_zero:
+            self.folders.checkpoint_removed()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save_last_if_unsaved(trainer)
@@ -286,18 +309,45 @@ class BestAndLastCheckpoint(AtomicModelCheckpoint):
 
 
 class RunFolders(Callback):
-    """Puts this run's checkpoints in ``<checkpoints_dir>/version_<N>``, N being the TensorBoard version
-    (decided on rank 0 and broadcast, so every rank and node agrees); with a fixed ``checkpoint_dir``
-    (``checkpoints_root`` None) the checkpoint folder stays as it is."""
+    """The run's identity and folder: its id (a resumed run keeps the id of the run it continues when it
+    resumes from a checkpoint of its own folder), checkpoint names that start with the id, and its
+    manifest ``run-<id>.json`` (``ftpipe.config.runs``), written by rank 0.
+
+    The checkpoints go to ``<checkpoints_dir>/version_<N>``, N being the TensorBoard version (decided on
+    rank 0 and broadcast, so every rank and node agrees); a fixed ``checkpoint_dir``
+    (``checkpoints_root`` None) stays as it is and may hold several runs.
+    """
 
     def __init__(
-        self, checkpoints_root: Path | None, checkpoint: ModelCheckpoint, version_source: Any = None
+        self,
+        checkpoints_root: Path | None,
+        checkpoint: BestAndLastCheckpoint,
+        version_source: Any = None,
+        *,
+        cfg: PipelineConfig | None = None,
+        resume_from: str | None = None,
+        data: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.checkpoints_root = Path(checkpoints_root) if checkpoints_root is not None else None
         self.checkpoint = checkpoint
+        checkpoint.folders = self
         self.version_source = version_source  # the TensorBoard logger that numbers the runs
         self.version: str | None = None
+        self.cfg = cfg
+        self.resume_from = resume_from
+        self.data = data or {}
+        self.run_id: str | None = None
+        self.manifest: RunManifest | None = None
+
+    def _continued_run(self, folder: Path) -> RunManifest | None:
+        """The manifest of the run a resume continues: the checkpoint's run, when it lies in ``folder``."""
+        if not self.resume_from:
+            return None
+        found = run_of_checkpoint(self.resume_from)
+        if found is not None and found.folder.resolve() == folder.resolve():
+            return found
+        return None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         source = self.version_source or trainer.logger
@@ -306,11 +356,65 @@ class RunFolders(Callback):
         self.version = trainer.strategy.broadcast(name)
         if self.checkpoints_root is not None:
             self.checkpoint.dirpath = str(self.checkpoints_root / self.version)
-        if trainer.local_rank == 0 and self.checkpoint.dirpath:
-            removed = remove_leftovers(Path(self.checkpoint.dirpath))
+        folder = Path(self.checkpoint.dirpath or trainer.default_root_dir)
+        continued = self._continued_run(folder) if trainer.is_global_zero else None
+        run_id = continued.run_id if continued is not None else new_run_id()
+        self.run_id = trainer.strategy.broadcast(run_id)
+        self.checkpoint.filename = f"{self.run_id}-{CHECKPOINT_FILENAME}"
+        self.checkpoint.CHECKPOINT_NAME_LAST = f"{self.run_id}-last"
+        if trainer.is_global_zero:
+            if continued is not None:
+                self.manifest = continued
+                self.manifest.status = "running"
+                self.manifest.ended = None
+            elif self.cfg is not None:
+                self.manifest = RunManifest.create(folder, self.cfg, self.run_id, data=self.data)
+            if self.manifest is not None:
+                if self.resume_from:
+                    self.manifest.resumed_from.append(str(self.resume_from))
+                self.manifest.save()
+                log.info("run %s: manifest %s", self.run_id, self.manifest.path)
+        if trainer.local_rank == 0 and folder.is_dir():
+            owners = {m.run_id for m in manifests_in(folder)} | {self.run_id}
+            removed = remove_leftovers(folder, lambda n: n.split("-step=")[0].removesuffix("-last") in owners)
             if removed:
                 log.info("removed %d unfinished checkpoint save(s): %s", len(removed), ", ".join(removed))
         trainer.strategy.barrier("ftpipe_run_folders")
+
+    def checkpoint_written(
+        self,
+        trainer: pl.Trainer,
+        filepath: str,
+        val_loss: float | None,
+        *,
+        best: str | None,
+        last: str | None,
+        best_score: float | None,
+    ) -> None:
+        """Rank 0, after a checkpoint was published: list it, with the run's best and last."""
+        if self.manifest is None:
+            return
+        self.manifest.record_checkpoint(filepath, trainer.global_step, val_loss)
+        self.manifest.best = Path(best).name if best else None
+        self.manifest.last = Path(last).name if last else None
+        self.manifest.best_val_loss = best_score if best else None
+        self.manifest.prune()
+        self.manifest.save()
+
+    def checkpoint_removed(self) -> None:
+        if self.manifest is not None:
+            self.manifest.prune()
+            self.manifest.save()
+
+    def finish(self, status: str, global_step: int) -> None:
+        """Rank 0 after fitting: the run's final status and end time."""
+        if self.manifest is None:
+            return
+        self.manifest.status = status
+        self.manifest.ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.manifest.global_step = max(self.manifest.global_step, global_step)
+        self.manifest.prune()
+        self.manifest.save()
 
 
 def _local_numel(p: torch.Tensor) -> int:

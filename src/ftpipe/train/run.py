@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ftpipe.config import results_root, save_config, tb_logs_dir, validate_config
+from ftpipe.config.lock import acquire, release
 from ftpipe.config.paths import check_output_folder
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.devices import leave_process_group
@@ -28,7 +29,7 @@ from ftpipe.estimate.memory import resolve_activation_checkpointing
 from ftpipe.model.load import check_4bit_support
 from ftpipe.train.faults import Faults
 from ftpipe.train.heartbeat import is_timeout, timeout_error
-from ftpipe.train.resume import resolve_resume
+from ftpipe.train.resume import ResumeError, resolve_resume
 from ftpipe.train.step import OptimizerStep
 from ftpipe.utils.allocator import describe as malloc_settings
 from ftpipe.utils.logging import get_logger, global_rank
@@ -52,6 +53,8 @@ class TrainResult:
         summary: throughput, padding share, MFU and peak memory per rank.
         rank: this process's global rank in training (the process group is gone afterwards).
         stopped_by_signal: a SIGTERM / SIGINT stopped training (after saving the last checkpoint).
+        run_id: the run's id (its manifest is ``run-<id>.json`` in ``checkpoint_dir``).
+        manifest: the run manifest's path.
     """
 
     best_checkpoint: str | None
@@ -65,6 +68,8 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     stopped_by_signal: bool = False
+    run_id: str | None = None
+    manifest: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,10 +115,6 @@ def train(cfg: PipelineConfig) -> TrainResult:
     """Fine-tune ``cfg``'s model on its data; returns where the checkpoints, logs and metrics are."""
     import lightning.pytorch as pl
 
-    from ftpipe.data.datamodule import SFTDataModule
-    from ftpipe.train.module import SFTModule
-    from ftpipe.train.trainer import build_trainer
-
     cfg = validate_config(cfg)
     cfg = resolve_activation_checkpointing(cfg)  # the same choice on every rank: config and machine only
     # Lightning saves ``last`` into the same distributed-checkpoint folder again: expected, not a problem.
@@ -126,8 +127,72 @@ def train(cfg: PipelineConfig) -> TrainResult:
     check_4bit_support(cfg)
     if cfg.train.checkpoint_dir:
         check_output_folder("checkpoint_dir", Path(cfg.train.checkpoint_dir))
+    resume_from = resolve_resume(cfg)
+    if resume_from:
+        check_resume_compatible(cfg, resume_from)  # before a byte of data, config.yaml or logs is written
     # the model id and the data are checked (tokenizer, preparation) before anything is written for the run
-    tokenizer, _ = _prepare_inputs(cfg)
+    tokenizer, prepared = _prepare_inputs(cfg)
+    locks = _lock_run_folders(cfg, root) if global_rank() == 0 else []
+    try:
+        return _train_locked(cfg, tokenizer, prepared, resume_from, root, threads)
+    finally:
+        for lock in locks:
+            release(lock)
+
+
+def _lock_run_folders(cfg: PipelineConfig, root: Path) -> list[Path]:
+    """Rank 0 holds the results folder (and a ``checkpoint_dir`` outside it) while the run writes them: a
+    second run into the same folders stops at once with a message naming the holder."""
+    locks = [acquire(root, "results_dir", "ftpipe train")]
+    if cfg.train.checkpoint_dir:
+        folder = Path(cfg.train.checkpoint_dir).expanduser()
+        if root.resolve() not in [folder.resolve(), *folder.resolve().parents]:
+            try:
+                locks.append(acquire(folder, "checkpoint_dir", "ftpipe train"))
+            except BaseException:
+                release(locks[0])
+                raise
+    return locks
+
+
+def check_resume_compatible(cfg: PipelineConfig, resume_from: str) -> None:
+    """The checkpoint was trained with this run's model, fine-tuning mode and LoRA shape (its run manifest
+    says, else its own metadata); else a ResumeError naming each field, before anything is written."""
+    from ftpipe.config.runs import resume_problems, run_of_checkpoint
+    from ftpipe.model.checkpoint import read_checkpoint_meta
+
+    manifest = run_of_checkpoint(resume_from)
+    trained = (
+        manifest.config if manifest is not None else read_checkpoint_meta(resume_from).get("config") or {}
+    )
+    problems = resume_problems(trained, cfg)
+    if problems:
+        raise ResumeError(
+            f"resume_from_checkpoint: {resume_from} cannot continue with this configuration: "
+            + "; ".join(problems)
+            + ". Resume with the settings it was trained with, or start a new run (another results_dir, "
+            "or no resume_from_checkpoint)"
+        )
+
+
+def _data_identity(prepared) -> dict[str, Any]:
+    """The prepared data a run trained on: its folder and the hash of its manifest."""
+    import hashlib
+
+    folder = Path(prepared.folder)
+    manifest = folder / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.is_file() else None
+    return {"prepared_dir": str(folder.resolve()), "manifest_sha256": digest, "counts": prepared.counts}
+
+
+def _train_locked(
+    cfg: PipelineConfig, tokenizer, prepared, resume_from: str | None, root: Path, threads: int
+) -> TrainResult:
+    """Training proper, once the checks passed and rank 0 holds the run's folders."""
+    from ftpipe.data.datamodule import SFTDataModule
+    from ftpipe.train.module import SFTModule
+    from ftpipe.train.trainer import build_trainer
+
     if global_rank() == 0:
         saved = save_config(cfg, root)
         log.info(
@@ -141,15 +206,18 @@ def train(cfg: PipelineConfig) -> TrainResult:
     faults = Faults.from_config(cfg.debug)
     steps = OptimizerStep(cfg.train.max_nonfinite_steps)  # the module and the step callbacks share it
     module = SFTModule(cfg, faults, steps)
-    resume_from = resolve_resume(cfg)
-    parts = build_trainer(cfg, resume_from, faults=faults, steps=steps)
+    parts = build_trainer(cfg, resume_from, faults=faults, steps=steps, data=_data_identity(prepared))
     trainer = parts.trainer
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    except RuntimeError as err:
-        if is_timeout(err):
+    except BaseException as err:
+        parts.folders.finish("failed", trainer.global_step)
+        if isinstance(err, RuntimeError) and is_timeout(err):
             raise timeout_error(err, cfg.dist.process_group_timeout_s) from err
         raise
+    parts.folders.finish(
+        "stopped" if parts.stop.stopped_at_step is not None else "completed", trainer.global_step
+    )
 
     ckpt = parts.checkpoint
     best_score = ckpt.best_model_score
@@ -167,6 +235,8 @@ def train(cfg: PipelineConfig) -> TrainResult:
         summary=parts.metrics.summary,
         rank=trainer.global_rank,
         stopped_by_signal=parts.stop.stopped_at_step is not None,
+        run_id=parts.folders.run_id,
+        manifest=str(parts.folders.manifest.path) if parts.folders.manifest is not None else None,
     )
     log.info(
         "training done after %d step(s)%s; best checkpoint: %s (val_loss %s); last checkpoint: %s; "

@@ -6,6 +6,14 @@ step boundary the ranks agree (one all-reduce: a signal seen by any rank stops e
 step), the Trainer stops, and the checkpoint callback saves the ``last`` checkpoint of that step at the
 end of training. ``train`` then reports the stop (``StoppedResumable`` on rank 0).
 
+Schedulers signal the whole process group (``docker stop``, Kubernetes, SLURM; Ctrl-C in a terminal):
+with Lightning's launcher rank 1 is rank 0's child in the same group, so every rank records the signal
+itself (the all-reduce makes one rank's signal enough), and the data loader workers ignore it
+(``ftpipe.data.datamodule.LoaderWorkerInit``) so that no batch is lost. The handlers are this
+callback's from the start of training to its end; before ``fit`` and after it (export, evaluation)
+the process has its own handlers again (Lightning's ones are not left behind: they would swallow a
+SIGTERM).
+
 Fault injection for tests: ``stop_at_step`` (the ``debug`` section) stops after that step as if a signal
 had arrived then.
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -51,18 +60,24 @@ class GracefulStop(Callback):
         self.signals = signals
         self.signal_name: str | None = None
         self.stopped_at_step: int | None = None
-        self._previous: dict[signal.Signals, object] = {}
+        self._previous: dict[signal.Signals, Any] = {}
         self.steps = steps
         self.faults = faults
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The handlers before Lightning installs its own (after this hook): ``teardown`` restores these.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.getsignal(sig) for sig in self.signals}
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Replaces Lightning's own SIGTERM handler for the training loop (it stops without a checkpoint).
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._record)
+                previous = signal.signal(sig, self._record)
+                self._previous.setdefault(sig, previous)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         if self.steps.just_completed() is None:
@@ -79,6 +94,9 @@ class GracefulStop(Callback):
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        # Runs after Lightning restored its own: the process leaves ``fit`` with the handlers it came with.
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous.items():
+                if handler is not None:  # None: not set from Python; nothing to restore
+                    signal.signal(sig, handler)
         self._previous.clear()

@@ -17,6 +17,7 @@ from typing import TextIO
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ftpipe.compat import check_lightning_release
@@ -24,6 +25,7 @@ from ftpipe.config.paths import checkpoints_dir, results_root, run_version, tb_l
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.train.atomic import CheckpointRoom
 from ftpipe.train.callbacks import (
+    CHECKPOINT_FILENAME,
     BestAndLastCheckpoint,
     RunFolders,
     ShardReport,
@@ -41,7 +43,6 @@ from ftpipe.utils.logging import adopt_library_loggers, get_logger
 log = get_logger(__name__)
 
 METRICS_FILENAME = "metrics.jsonl"
-CHECKPOINT_FILENAME = "step={step}-val_loss={val_loss:.4f}"
 
 
 @dataclass
@@ -58,28 +59,57 @@ class TrainerParts:
 
 
 class StepProgressBar(TQDMProgressBar):
-    """One bar for training (steps, rate and time left); validation runs without a bar of its own."""
+    """One bar for the whole run, across epochs: optimizer steps (``global_step``) against ``max_steps``,
+    with rate and time left; a resumed run starts at its step. ``refresh_rate`` counts optimizer steps.
+    Validation runs without a bar of its own."""
 
     def init_validation_tqdm(self):
         bar = super().init_validation_tqdm()
         bar.disable = True
         return bar
 
-    def init_train_tqdm(self):
-        bar = super().init_train_tqdm()
-        bar.set_description("training")
-        return bar
+    def init_train_tqdm(self) -> Tqdm:
+        """Lightning's training bar (its settings), in optimizer steps from the run's step to max_steps (a
+        resumed run's rate counts its own steps only)."""
+        trainer = self.trainer
+        return Tqdm(
+            desc="training",
+            total=trainer.max_steps if trainer.max_steps > 0 else None,
+            initial=trainer.global_step,
+            unit="step",
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description("training")
+        """Nothing: the bar counts the run's optimizer steps, an epoch does not start it again."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if step == bar.n or not self.is_enabled:  # within an accumulation: no new optimizer step yet
+            return
+        if step % self.refresh_rate == 0 or step == bar.total:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws the bar too
+
+    def on_train_end(self, trainer: pl.Trainer, *args) -> None:
+        bar = self.train_progress_bar
+        if self.is_enabled and bar.n != trainer.global_step:  # stopped between two refreshes
+            bar.n = trainer.global_step
+            bar.refresh()
+        super().on_train_end(trainer, *args)
 
 
-def progress_refresh_rate(batches: int, stream: TextIO | None = None) -> int:
-    """Batches between progress-bar updates: every batch on a terminal (the bar redraws its line), about
-    eight updates in all when the output goes to a file or a pipe (each update is a line there)."""
+def progress_refresh_rate(steps: int, stream: TextIO | None = None) -> int:
+    """Optimizer steps between progress-bar updates: every step on a terminal (the bar redraws its line),
+    about eight updates in all when the output goes to a file or a pipe (each update is a line there)."""
     stream = stream if stream is not None else sys.stdout
-    return 1 if stream.isatty() else max(1, batches // 8)
+    return 1 if stream.isatty() else max(1, steps // 8)
 
 
 class EpochAlignmentCheck(Callback):
@@ -131,6 +161,8 @@ def build_callbacks(
     faults: Faults = NO_FAULTS,
     *,
     steps: OptimizerStep,
+    resume_from: str | None = None,
+    data: dict | None = None,
 ) -> tuple[list[Callback], BestAndLastCheckpoint, StepMetrics, RunFolders]:
     """Checkpointing (best val_loss + last step), early stopping, step metrics, progress bar (the
     module logs train_loss, lr and grad_norm itself), and the stop on SIGTERM / SIGINT; ``faults`` go to
@@ -151,11 +183,18 @@ def build_callbacks(
         faults=faults,
     )
     metrics = StepMetrics(metrics_path, t.peak_tflops_per_device, precision, steps)
-    folders = RunFolders(None if fixed_dir else checkpoints_dir(cfg), checkpoint, version_source)
+    folders = RunFolders(
+        None if fixed_dir else checkpoints_dir(cfg),
+        checkpoint,
+        version_source,
+        cfg=cfg,
+        resume_from=resume_from,
+        data=data,
+    )
     callbacks: list[Callback] = [
         folders,
         metrics,
-        StepProgressBar(refresh_rate=progress_refresh_rate(t.max_steps * t.accumulate_grad_batches)),
+        StepProgressBar(refresh_rate=progress_refresh_rate(t.max_steps)),
         checkpoint,
     ]
     if t.early_stopping_patience > 0:
@@ -185,7 +224,12 @@ def build_callbacks(
 
 
 def build_trainer(
-    cfg: PipelineConfig, resume_from: str | None = None, *, faults: Faults = NO_FAULTS, steps: OptimizerStep
+    cfg: PipelineConfig,
+    resume_from: str | None = None,
+    *,
+    faults: Faults = NO_FAULTS,
+    steps: OptimizerStep,
+    data: dict | None = None,
 ) -> TrainerParts:
     """The Trainer of ``cfg``: strategy and accelerator from ``ftpipe.distributed``, precision from the
     hardware, ``max_steps`` optimizer steps, validation every ``val_check_interval`` steps."""
@@ -207,7 +251,7 @@ def build_trainer(
         cfg, resume_from
     )
     callbacks, checkpoint, metrics, folders = build_callbacks(
-        cfg, precision, metrics_path, logger, faults, steps=steps
+        cfg, precision, metrics_path, logger, faults, steps=steps, resume_from=resume_from, data=data
     )
     trainer = pl.Trainer(
         accelerator=accelerator,

@@ -88,8 +88,41 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
+def _umask() -> int:
+    """The process's umask: read on Linux (setting it to read it would race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes the umask gives new files and folders (0644 / 0755
+    under umask 022; executables keep their execute bits): some writers (safetensors) make files 0600."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in dirs:  # symbolic links to folders are not walked: leave them
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            executable = os.stat(path).st_mode & 0o111
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def swap_in(staging: Path, target: Path) -> None:
-    """Put the complete ``staging`` folder in ``target``'s place; the previous ``target`` (if any) goes."""
+    """Put the complete ``staging`` folder in ``target``'s place (with the umask's modes, see
+    :func:`apply_umask_modes`); the previous ``target`` (if any) goes."""
+    apply_umask_modes(staging)
     if not target.exists():
         os.replace(staging, target)
         return
