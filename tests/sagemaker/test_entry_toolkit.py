@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ftpipe.config.runs import manifests_in
 from ftpipe.train.resume import is_complete
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -156,7 +157,9 @@ def test_toolkit_job_trains_exports_evaluates_and_checkpoints(first_job):
     assert len(report["samples"]) == 2
 
     checkpoints = base / "checkpoints"
-    last = checkpoints / "last.ckpt"
+    (run,) = manifests_in(checkpoints)  # the run's manifest names its last checkpoint
+    assert run.status == "completed" and run.last == f"{run.run_id}-last.ckpt"
+    last = checkpoints / run.last
     assert is_complete(last), sorted(p.name for p in checkpoints.iterdir())
     assert _train_steps(base / "output") == list(range(1, FIRST_STEPS + 1))
 
@@ -171,6 +174,8 @@ def test_restarted_job_resumes_from_the_checkpoint_folder(first_job, tmp_path, a
     shutil.copytree(first_base / "checkpoints", base / "checkpoints")
     log = _run_toolkit(base, timeout=600)
 
-    assert f"resuming from {base / 'checkpoints' / 'last.ckpt'}" in log
+    (run,) = manifests_in(base / "checkpoints")
+    assert f"resuming from {base / 'checkpoints' / run.last}" in log
+    assert run.global_step == RESUMED_STEPS  # the same run, continued: one manifest
     assert _train_steps(base / "output") == list(range(FIRST_STEPS + 1, RESUMED_STEPS + 1))
     assert (base / "model" / "model.safetensors").is_file()

@@ -180,6 +180,9 @@ def build_callbacks(
         save_top_k=1,
         save_last=True,
         save_on_train_epoch_end=False,
+        # names are the run's own (``<run id>-...``): a resumed run writes its ``last`` again under its name,
+        # never ``last-v1`` beside it (which ``last`` would then be?)
+        enable_version_counter=False,
         faults=faults,
     )
     metrics = StepMetrics(metrics_path, t.peak_tflops_per_device, precision, steps)
