@@ -375,8 +375,10 @@ class RunFolders(Callback):
                 self.manifest.save()
                 log.info("run %s: manifest %s", self.run_id, self.manifest.path)
         if trainer.local_rank == 0 and folder.is_dir():
-            owners = {m.run_id for m in manifests_in(folder)} | {self.run_id}
-            removed = remove_leftovers(folder, lambda n: n.split("-step=")[0].removesuffix("-last") in owners)
+            owners = tuple(
+                f"{run_id}-" for run_id in {m.run_id for m in manifests_in(folder)} | {self.run_id}
+            )
+            removed = remove_leftovers(folder, lambda name: name.startswith(owners))
             if removed:
                 log.info("removed %d unfinished checkpoint save(s): %s", len(removed), ", ".join(removed))
         trainer.strategy.barrier("ftpipe_run_folders")
