@@ -65,3 +65,23 @@ def test_unknown_chat_template_is_a_configuration_error_listing_the_shipped_ones
     template = tmp_path / "mine.jinja"
     template.write_text("{{ messages }}")
     validate_config(PipelineConfig.from_flat({"chat_template": str(template)}))
+
+
+def test_the_preference_pairs_are_what_their_seeded_script_writes(tmp_path):
+    """examples/preference: every chosen answer has the checked property, its rejected twin does not, and
+    the held-out prompts are not training prompts."""
+    base = REPO_ROOT / "examples" / "preference"
+    generator = _generator(base)
+    written = generator.write(tmp_path / "pairs.jsonl", 0)
+    assert written.read_bytes() == (base / "pairs.jsonl").read_bytes()
+    heldout = generator.write_heldout(tmp_path / "heldout_prompts.jsonl")
+    assert heldout.read_bytes() == (base / "heldout_prompts.jsonl").read_bytes()
+    spec = importlib.util.spec_from_file_location("preference_property", base / "property.py")
+    prop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prop)
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert len(rows) >= 300 and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+    assert all(prop.has_property(r["chosen"]) and not prop.has_property(r["rejected"]) for r in rows)
+    prompts = {r["prompt"] for r in rows}
+    assert not prompts & {json.loads(line)["prompt"] for line in heldout.read_text().splitlines()}
+    validate_config(load_config(REPO_ROOT / "configs" / "dpo.yaml"))

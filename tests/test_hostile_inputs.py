@@ -1325,6 +1325,124 @@ CONFIG_TOOL_CASES: list[Case] = [
     ),
 ]
 
+PAIR = {"prompt": "Say hi.", "chosen": "Hi there!", "rejected": "No."}
+PAIRS = jsonl("pairs.jsonl", [{**PAIR, "chosen": f"Hi {i}!"} for i in range(12)])
+
+
+def dpo(*extra: str) -> list[str]:
+    return [
+        "prepare",
+        "--dataset",
+        "{tmp}/pairs.jsonl",
+        "--data_dir",
+        "{tmp}/out",
+        "--objective",
+        "dpo",
+        *extra,
+    ]
+
+
+PREFERENCE_CASES: list[Case] = [
+    Case(
+        "dpo-on-sft-rows",
+        prep("--objective", "dpo"),
+        ["objective is 'dpo', but it has no 'chosen' or 'rejected' column", "set objective: sft"],
+        GOOD,
+    ),
+    Case(
+        "sft-on-pairs",
+        ["prepare", "--dataset", "{tmp}/pairs.jsonl", "--data_dir", "{tmp}/out"],
+        ["its rows hold 'chosen' and 'rejected' (preference pairs)", "Set objective: dpo"],
+        PAIRS,
+    ),
+    Case("dpo-beta-zero", dpo("--dpo_beta", "0"), ["dpo_beta: 0"], PAIRS),
+    Case(
+        "dpo-setting-without-dpo",
+        prep("--dpo_beta", "0.5"),
+        ["dpo_beta: preference settings, but objective is 'sft'"],
+        GOOD,
+    ),
+    Case(
+        "dpo-smoothing-ipo",
+        dpo("--dpo_loss", "ipo", "--dpo_label_smoothing", "0.1"),
+        ["dpo_label_smoothing: applies to dpo_loss 'sigmoid' and 'simpo', not 'ipo'"],
+        PAIRS,
+    ),
+    Case(
+        "dpo-smoothing-half",
+        dpo("--dpo_label_smoothing", "0.5"),
+        ["dpo_label_smoothing: 0.5 is outside [0, 0.5)"],
+        PAIRS,
+    ),
+    Case(
+        "dpo-adapter-reference-full",
+        dpo("--reference", "adapter", "--finetuning", "full"),
+        ["reference: 'adapter' disables the LoRA adapter, but finetuning is 'full'"],
+        PAIRS,
+    ),
+    Case(
+        "dpo-copy-reference-fsdp1",
+        dpo("--reference", "copy", "--strategy", "fsdp1"),
+        ["reference: 'copy' is not available with strategy fsdp1"],
+        PAIRS,
+    ),
+    Case("dpo-packing", dpo("--packing", "true"), ["packing: preference pairs are not packed"], PAIRS),
+    Case(
+        "monitor-reward-accuracy-sft",
+        prep("--monitor", "val_reward_accuracy"),
+        ["monitor: 'val_reward_accuracy' needs a preference objective"],
+        GOOD,
+    ),
+    Case(
+        "dpo-sft-config-and-init-adapter",
+        dpo("--sft_config", "{tmp}/sft.yaml", "--init_adapter", "{tmp}/a.ckpt"),
+        ["sft_config / init_adapter: give one"],
+        PAIRS,
+    ),
+    Case(
+        "dpo-all-pairs-identical",
+        dpo(),
+        ["identical_pair"],
+        jsonl("pairs.jsonl", [{**PAIR, "rejected": PAIR["chosen"]}] * 4),
+    ),
+    Case(
+        "dpo-init-adapter-missing",
+        [
+            *TRAIN[:4],
+            "{tmp}/pairs.jsonl",
+            *TRAIN[5:],
+            "--objective",
+            "dpo",
+            "--init_adapter",
+            "{tmp}/nope.ckpt",
+        ],
+        ["init_adapter: ", "nope.ckpt does not exist"],
+        PAIRS,
+        needs=("model",),
+    ),
+    Case(
+        "dpo-sft-config-missing",
+        [
+            "run",
+            "--hf_model_id",
+            "{model}",
+            "--dataset",
+            "{tmp}/pairs.jsonl",
+            "--data_dir",
+            "{tmp}/out",
+            "--results_dir",
+            "{tmp}/out/r",
+            "--objective",
+            "dpo",
+            "--sft_config",
+            "{tmp}/nope.yaml",
+        ],
+        ["sft_config: ", "nope.yaml is not a file"],
+        PAIRS,
+        needs=("model",),
+    ),
+]
+
 CASES = (
     CONFIG_CASES
     + DATA_CASES
@@ -1336,6 +1454,7 @@ CASES = (
     + PREPARED_DATA_CASES
     + USER_INPUT_CASES
     + CONFIG_TOOL_CASES
+    + PREFERENCE_CASES
 )
 
 

@@ -2,13 +2,17 @@
 the run meant, stale exports, resume with another shape, two writers, the user's own files.
 
 Real ``ftpipe train`` processes on the tiny random Llama (2-3 steps each, one process), then the export
-and the evaluation's choice of model in this process.
+and the evaluation's choice of model in this process. The starts that must be refused before anything is
+written run the console command's own ``main`` in this process (no interpreter start-up to pay).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -54,6 +58,7 @@ def _settings(tmp_path: Path, tiny: Path, data: Path, **extra: object) -> dict[s
         "lora_alpha": 8,
         "lora_dropout": 0.0,
         "num_workers": 0,
+        "peak_tflops_per_device": 1.0,  # the MFU peak given: no matmul benchmark at each start
         **extra,
     }
 
@@ -61,6 +66,36 @@ def _settings(tmp_path: Path, tiny: Path, data: Path, **extra: object) -> dict[s
 def _train(values: dict[str, object], timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ftpipe", "train", "--config", str(CONFIG), *_flags(values)]
     return subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _refused(values: dict[str, object]) -> tuple[int | None, str]:
+    """``ftpipe train`` through the console command's ``main`` in this process, for a start that stops
+    before training: its exit status and what it printed (log messages, stdout and stderr). The thread
+    count and the seed variable that ``train`` sets for its run are restored afterwards."""
+    import torch
+
+    from ftpipe.cli.main import main
+    from ftpipe.utils.logging import setup_logging
+
+    threads, seed = torch.get_num_threads(), os.environ.get("PL_GLOBAL_SEED")
+    setup_logging()
+    handler = next(h for h in logging.getLogger().handlers if getattr(h, "_ftpipe", False))
+    out = io.StringIO()
+    previous, handler.stream = handler.stream, out  # swapped without a flush: the old stream may be closed
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            main(["train", "--config", str(CONFIG), *_flags(values)])
+        code: int | None = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        handler.stream = previous
+        torch.set_num_threads(threads)
+        if seed is None:
+            os.environ.pop("PL_GLOBAL_SEED", None)
+        else:
+            os.environ["PL_GLOBAL_SEED"] = seed
+    return code, out.getvalue()
 
 
 def _cfg(values: dict[str, object], **changes: object) -> PipelineConfig:
@@ -140,9 +175,8 @@ def test_runs_sharing_folders_never_cross_wire(tmp_path, tiny_llama, alpaca_demo
     # resume with another LoRA shape: refused before a byte of the run is written
     before = _tree(tmp_path / "results")
     before_ckpts = _tree(shared)
-    refused = _train({**values, "resume_from_checkpoint": str(shared / run_b.last), "lora_rank": 8})
-    output = refused.stdout + refused.stderr
-    assert refused.returncode == 2, output[-4000:]
+    code, output = _refused({**values, "resume_from_checkpoint": str(shared / run_b.last), "lora_rank": 8})
+    assert code == 2, output[-4000:]
     assert "lora_rank: the checkpoint was trained with 4, this run has 8" in output
     assert "Traceback" not in output
     assert _tree(tmp_path / "results") == before and _tree(shared) == before_ckpts
@@ -181,9 +215,8 @@ def test_a_second_writer_is_refused_with_the_holders_name(tmp_path, tiny_llama, 
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        busy = _train(values)
-        output = busy.stdout + busy.stderr
-        assert busy.returncode == 2, output[-4000:]
+        code, output = _refused(values)
+        assert code == 2, output[-4000:]
         assert f"results_dir: {root} is being written by another ftpipe run (pid {holder.pid}" in output
         assert not (root / "config.yaml").exists() and not (root / "metrics.jsonl").exists()
     finally:

@@ -102,6 +102,11 @@ def run(cfg: PipelineConfig) -> RunResult | None:
     check_export_target(cfg)  # a foreign export_dir stops the run before training, not after it
     seconds: dict[str, float] = {}
     start = time.monotonic()
+    if cfg.objective.sft_config:  # SFT, then the preference stage continues its adapter
+        from ftpipe.train.sft_first import train_sft_first
+
+        cfg = train_sft_first(cfg)
+        seconds["sft"] = time.monotonic() - start
     prepared = prepare_data(cfg)
     seconds["prepare"] = time.monotonic() - start
 

@@ -57,13 +57,21 @@ def run_processes(
 ) -> list[int]:
     """Run ``commands`` at once, each in its own process group, and wait for every process of every
     group (Lightning's re-run ranks included); kill them all on timeout. Returns the exit codes."""
+    logs = [log_path.with_suffix(f".{i}.log") for i in range(len(commands))]
+    return _run_all(commands, logs, timeout, env, where=log_path.parent)
+
+
+def _run_all(
+    commands: list[list[str]], log_paths: list[Path], timeout: float, env: dict[str, str] | None, where: Path
+) -> list[int]:
+    """``run_processes`` with a log file of its own for each command."""
     full_env = subprocess_env(env)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     procs, logs = [], []
     try:
-        for i, cmd in enumerate(commands):
-            log = open(log_path.with_suffix(f".{i}.log"), "w")  # noqa: SIM115 - closed below
+        for cmd, log_path in zip(commands, log_paths, strict=True):
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "w")  # noqa: SIM115 - closed below
             logs.append(log)
             procs.append(
                 subprocess.Popen(
@@ -83,7 +91,7 @@ def run_processes(
                 time.sleep(0.2)
         return codes
     except subprocess.TimeoutExpired:
-        pytest.fail(f"training did not finish within {timeout:.0f}s; logs: {log_path.parent}")
+        pytest.fail(f"training did not finish within {timeout:.0f}s; logs: {where}")
     finally:
         for proc in procs:
             _kill_group(proc.pid)
@@ -106,10 +114,15 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return steps, vals
 
 
+#: Settings of every run here unless a test gives its own: a configured MFU peak spares each rank the
+#: 2048 x 2048 matmul benchmark at start (seconds per run on a busy 2-core machine).
+RUN_DEFAULTS = {"peak_tflops_per_device": 1.0}
+
+
 def ftpipe_cmd(overrides: dict[str, object]) -> list[str]:
-    """``python -m ftpipe train --config configs/benchmark.yaml --key value ...``."""
+    """``python -m ftpipe train --config configs/benchmark.yaml --key value ...`` (RUN_DEFAULTS first)."""
     cmd = [sys.executable, "-m", "ftpipe", "train", "--config", str(DEMO_CONFIG)]
-    for key, value in overrides.items():
+    for key, value in {**RUN_DEFAULTS, **overrides}.items():
         cmd += [f"--{key}", "null" if value is None else str(value)]
     return cmd
 
@@ -152,10 +165,12 @@ class Run:
 @pytest.fixture(scope="session")
 def train_runner(tmp_path_factory, alpaca_demo) -> Callable[..., Run]:
     """``train_runner(name, overrides, timeout=..., torchrun_nodes=0)`` runs ``ftpipe train`` and returns a
-    Run; with ``torchrun_nodes=N`` it starts N torchrun launchers (one per simulated node)."""
+    Run; with ``torchrun_nodes=N`` it starts N torchrun launchers (one per simulated node).
+    ``train_runner.together({name: overrides, ...}, timeout=...)`` starts independent runs at the same time
+    (one's start-up overlaps the other's work) and returns their Runs by name."""
     base = tmp_path_factory.mktemp("train_runs")
 
-    def run(name: str, overrides: dict[str, object], timeout: float = 300, torchrun_nodes: int = 0) -> Run:
+    def commands_of(name: str, overrides: dict[str, object], torchrun_nodes: int) -> tuple[list, Run]:
         out = base / name
         values = {
             "dataset": str(alpaca_demo),
@@ -189,11 +204,26 @@ def train_runner(tmp_path_factory, alpaca_demo) -> Callable[..., Run]:
                 commands.append(launcher + ftpipe_cmd(values)[2:])  # drop "python -m"
         else:
             commands = [ftpipe_cmd(values)]
-        codes = run_processes(commands, log_path, timeout)
-        result = Run(out, _model_slug(str(values.get("hf_model_id", "embedded"))), log_path)
+        return commands, Run(out, _model_slug(str(values.get("hf_model_id", "embedded"))), log_path)
+
+    def together(runs: dict[str, dict[str, object]], timeout: float = 300) -> dict[str, Run]:
+        planned = {name: commands_of(name, overrides, 0) for name, overrides in runs.items()}
+        commands = [cmd for cmds, _ in planned.values() for cmd in cmds]
+        logs = [
+            run.log_path.with_suffix(f".{i}.log") for cmds, run in planned.values() for i in range(len(cmds))
+        ]
+        codes = _run_all(commands, logs, timeout, None, where=base)
+        for (name, (_, result)), code in zip(planned.items(), codes, strict=True):
+            assert code == 0, f"{name}: exit code {code}; log tail:\n{result.log()[-6000:]}"
+        return {name: result for name, (_, result) in planned.items()}
+
+    def run(name: str, overrides: dict[str, object], timeout: float = 300, torchrun_nodes: int = 0) -> Run:
+        commands, result = commands_of(name, overrides, torchrun_nodes)
+        codes = run_processes(commands, result.log_path, timeout)
         assert codes == [0] * len(commands), f"exit codes {codes}; log tail:\n{result.log()[-6000:]}"
         return result
 
+    run.together = together
     return run
 
 

@@ -1,7 +1,7 @@
 """A non-finite loss or gradient norm: the step is skipped (no update), counted in the logs and the step
 metrics, and ``max_nonfinite_steps`` of them in a row stop training with exit status 2 on every rank.
 
-The unit tests drive ``SFTModule.configure_gradient_clipping`` directly; the distributed ones run
+The unit tests drive the step's end (``OptimizerStep.complete``, as the module calls it) directly; the distributed ones run
 ``ftpipe train`` (2 processes, FSDP2, tiny random Llama) with NaN losses injected on rank 0 through
 the ``inject_nan_steps`` fault (the ``debug`` section).
 """
@@ -78,10 +78,20 @@ def test_nan_steps_are_a_checked_debug_field():
 def _grad_step(module: SFTModule, optimizer, layer, step: int, loss: float, grad_scale: float) -> StepStats:
     for p in layer.parameters():
         p.grad = torch.full_like(p, grad_scale)
-    module.steps.last = StepStats(step=step, loss=loss, label_tokens=8, tokens=8, padded_tokens=8)
-    module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    # one micro-batch of one unit (no rescaling): loss sum, units, tokens, padded, label tokens
+    module.steps.add(torch.tensor([loss, 1, 8, 8, 1], dtype=torch.float64))
+    stats = module.steps.complete(
+        optimizer,
+        step=step,
+        accumulate=1,
+        world_size=1,
+        device=torch.device("cpu"),
+        root=None,
+        max_norm=1.0,
+    )
     optimizer.step()
-    return module.steps.last
+    assert stats is module.steps.last
+    return stats
 
 
 @pytest.mark.timeout(60)

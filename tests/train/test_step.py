@@ -11,7 +11,8 @@ from ftpipe.train.step import NonFiniteError, OptimizerStep
 
 
 def _counts(loss_sum: float, labels: int, tokens: int, padded: int) -> torch.Tensor:
-    return torch.tensor([loss_sum, labels, tokens, padded], dtype=torch.float64)
+    """SFT's counts: the units of the loss are its label tokens."""
+    return torch.tensor([loss_sum, labels, tokens, padded, labels], dtype=torch.float64)
 
 
 @pytest.mark.timeout(30)
@@ -61,3 +62,29 @@ def test_non_finite_steps_are_skipped_then_stop_training():
     empty.add(_counts(0.0, 0, 4, 4))
     empty.rescale(optimizer, step=1, accumulate=1, world_size=1, device=torch.device("cpu"))
     assert math.isnan(empty.last.loss) and empty.check(1.0) is False
+
+
+@pytest.mark.timeout(30)
+def test_units_and_objective_metrics_are_step_means():
+    """A DPO-like step: the loss and every metric are divided by the step's pairs, not its tokens."""
+    layer = torch.nn.Linear(2, 1, bias=False)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    steps = OptimizerStep(max_nonfinite_steps=3, metric_names=("rewards/accuracies", "rewards/margins"))
+    # loss sum, pairs, tokens, padded, label tokens, accuracy sum, margin sum
+    steps.add(torch.tensor([1.2, 2, 40, 48, 10, 1.0, 0.5], dtype=torch.float64))
+    steps.add(torch.tensor([0.6, 1, 20, 24, 6, 1.0, 0.7], dtype=torch.float64))
+    layer.weight.grad = torch.ones_like(layer.weight)
+    stats = steps.complete(
+        optimizer,
+        step=1,
+        accumulate=2,
+        world_size=1,
+        device=torch.device("cpu"),
+        root=None,
+        max_norm=None,
+    )
+    assert stats.units == 3 and stats.label_tokens == 16 and stats.tokens == 60
+    assert stats.loss == pytest.approx(0.6)
+    assert stats.metrics == pytest.approx({"rewards/accuracies": 2 / 3, "rewards/margins": 0.4})
+    assert torch.allclose(layer.weight.grad, torch.full_like(layer.weight, 2 / 3))  # A * W / pairs
+    assert stats.grad_norm == pytest.approx(2 / 3 * 2**0.5)

@@ -4,8 +4,9 @@ Prepared data: ``<data_dir>/<dataset id as folders>/<subset>/train=90%-val=5%-te
 ``<data_dir>/local/<name>-<hash of its resolved paths>/default/...``; a mix of several data sets:
 ``<data_dir>/mix/<first source>+<N>-more[-<hash>]/default/...``), with a
 ``-cfg<hash>`` suffix when any other setting that changes the prepared rows differs from its default
-(template, mapping, converter, seed, subset size, ...), so a changed configuration prepares again
-into its own folder. Results: ``<results_dir>/<model id as folders>/{checkpoints,tb_logs}``.
+(template, mapping, converter, seed, subset size, a preference ``objective``, ...), so a changed
+configuration prepares again into its own folder. Results:
+``<results_dir>/<model id as folders>/{checkpoints,tb_logs}``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from ftpipe.config.schema import EMBEDDED_MODEL, DataConfig, PipelineConfig
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LOCAL_DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt"}
 
+#: The objective whose prepared rows are keyed as they were before objectives existed.
+DEFAULT_OBJECTIVE = "sft"
 #: DataConfig fields that change the prepared rows (the ratios and the source are in the path itself).
 PREPARE_FIELDS = (
     "dataset_split",
@@ -107,14 +110,22 @@ def split_name(data: DataConfig) -> str:
     return f"train={pct(data.train_ratio)}-val={pct(data.val_ratio)}-test={pct(data.test_ratio)}"
 
 
-def prepare_settings(data: DataConfig) -> dict:
-    """The settings that determine the prepared rows (hashed into the manifest and the folder)."""
+def _objective_settings(objective: str) -> dict:
+    """The objective as a prepare setting: SFT (the default) adds nothing, so SFT hashes stay as they were;
+    a preference objective prepares pair records, into a folder of their own."""
+    return {} if objective == DEFAULT_OBJECTIVE else {"objective": objective}
+
+
+def prepare_settings(data: DataConfig, objective: str = DEFAULT_OBJECTIVE) -> dict:
+    """The settings that determine the prepared rows (hashed into the manifest and the folder);
+    ``objective`` is ``cfg.objective.objective``."""
     values = dataclasses.asdict(data)
     return {
         "dataset": None if data.datasets else data.dataset,
         "dataset_subset": data.dataset_subset,
         "ratios": [data.train_ratio, data.val_ratio, data.test_ratio],
         **{k: values[k] for k in PREPARE_FIELDS},
+        **_objective_settings(objective),
     }
 
 
@@ -124,8 +135,9 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def prepared_data_dir(data: DataConfig) -> Path:
-    """Folder of the prepared ``training/validation/test.jsonl`` for this configuration."""
+def prepared_data_dir(data: DataConfig, objective: str = DEFAULT_OBJECTIVE) -> Path:
+    """Folder of the prepared ``training/validation/test.jsonl`` for this configuration (``objective``:
+    ``cfg.objective.objective``; the folders of SFT and of preference records differ)."""
     if data.prepared_dir:
         return Path(data.prepared_dir).expanduser()
     if data.datasets:  # a mix: mix/<first source>+<n>-more[-<hash8 of the local sources' identities>]
@@ -144,8 +156,9 @@ def prepared_data_dir(data: DataConfig) -> Path:
     folder = folder / _slug_part(subset)
     name = split_name(data)
     values, defaults = dataclasses.asdict(data), dataclasses.asdict(DataConfig())
-    if any(values[k] != defaults[k] for k in PREPARE_FIELDS):
-        name += f"-cfg{settings_hash({k: values[k] for k in PREPARE_FIELDS})[:8]}"
+    if any(values[k] != defaults[k] for k in PREPARE_FIELDS) or _objective_settings(objective):
+        changed = {**{k: values[k] for k in PREPARE_FIELDS}, **_objective_settings(objective)}
+        name += f"-cfg{settings_hash(changed)[:8]}"
     return folder / name
 
 

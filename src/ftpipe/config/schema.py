@@ -340,6 +340,57 @@ class TrainConfig:
     wandb_mode: Literal["offline", "online"] = "offline"
 
 
+ObjectiveName = Literal["sft", "dpo"]
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """What training optimises: next-token likelihood of answers (``sft``) or preferences between two
+    answers (``dpo`` and its family). The objective decides the records it accepts, how they are
+    encoded and batched, and the loss (``ftpipe.objectives``).
+
+    Args:
+        objective: ``sft`` (supervised fine-tuning on prompt/answer records) or ``dpo`` (preference
+            tuning on prompt/chosen/rejected pairs; the loss is chosen by ``dpo_loss``).
+        dpo_loss: ``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023, squared distance of
+            the log-ratio margin from ``1 / (2 beta)``), or ``simpo`` (Meng et al. 2024: reference-free,
+            length-normalised log-probabilities, target margin ``simpo_gamma``).
+        dpo_beta: temperature of the implicit reward ``beta * (log pi - log pi_ref)`` (SimPO: scale of
+            the length-normalised log-probabilities; 2.0 to 2.5 is usual there).
+        dpo_label_smoothing: assumed share of flipped preference labels (conservative DPO, sigmoid only).
+        simpo_gamma: SimPO's target reward margin (in units of ``dpo_beta``-scaled log-probability).
+        rpo_alpha: weight of a supervised term (mean token NLL of the chosen answer) added to the
+            preference loss (RPO, Pang et al. 2024); 0 disables it.
+        reference: where the reference log-probabilities come from. ``adapter``: the policy with its LoRA
+            adapter disabled (no second copy in memory; LoRA only). ``copy``: a frozen copy of the
+            starting model, sharded like the policy. ``cached``: computed once before training from the
+            starting model and stored beside the tokenized data (no reference forward while training).
+            ``auto``: ``adapter`` for LoRA from a base or exported model, ``cached`` when a LoRA adapter is
+            continued from ``init_adapter`` (the reference is then that SFT model), ``copy`` for full
+            fine-tuning. SimPO needs none.
+        init_adapter: a LoRA checkpoint or adapter folder (an SFT run's) whose adapter the preference
+            training continues; the reference is then the model with that adapter as it was loaded.
+        sft_config: ``ftpipe run`` of a preference objective: the YAML configuration
+            of a supervised run to train first, with its own data and results folder; the preference
+            training then continues its adapter from its best checkpoint (``init_adapter``), the SFT
+            model being the reference. A completed SFT run of the same configuration is reused.
+        monitor: the validation metric that picks the best checkpoint and drives early stopping:
+            ``val_loss`` (lower is better) or ``val_reward_accuracy`` (preference objectives; higher is
+            better); ``auto``: ``val_loss``.
+    """
+
+    objective: ObjectiveName = "sft"
+    dpo_loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    dpo_beta: float = 0.1
+    dpo_label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0
+    reference: Literal["auto", "adapter", "copy", "cached"] = "auto"
+    init_adapter: str | None = None
+    sft_config: str | None = None
+    monitor: Literal["auto", "val_loss", "val_reward_accuracy"] = "auto"
+
+
 @dataclass(kw_only=True)
 class DistConfig:
     """Distribution (FSDP).
@@ -528,6 +579,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoraConfig,
     "data": DataConfig,
     "train": TrainConfig,
+    "objective": ObjectiveConfig,
     "dist": DistConfig,
     "eval": EvalConfig,
     "export": ExportConfig,
@@ -544,6 +596,7 @@ class PipelineConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import string
 
@@ -252,6 +253,7 @@ def _semantic_problems(cfg: PipelineConfig) -> list[str]:
     if not 0.0 < ev.gpu_memory_utilization <= 1.0:
         problems.append(f"gpu_memory_utilization: {ev.gpu_memory_utilization!r} is outside (0, 1]")
     _check_seeds(cfg, problems)
+    _check_objective(cfg, problems)
     _check_sagemaker(cfg, problems)
     _check_debug(cfg, problems)
     return problems
@@ -268,6 +270,61 @@ def _check_seeds(cfg: PipelineConfig, problems: list[str]) -> None:
             problems.append(
                 f"{name}: {value!r} is outside 0..{MAX_SEED} (a seed is a whole number 0 to 2**32 - 1)"
             )
+
+
+def _check_objective(cfg: PipelineConfig, problems: list[str]) -> None:
+    """The preference settings are in range and fit the fine-tuning mode."""
+    ob = cfg.objective
+    _positive(problems, ob, ["dpo_beta"])
+    _positive(problems, ob, ["simpo_gamma", "rpo_alpha"], allow_zero=True)
+    if not 0.0 <= ob.dpo_label_smoothing < 0.5:
+        problems.append(f"dpo_label_smoothing: {ob.dpo_label_smoothing!r} is outside [0, 0.5)")
+    if ob.objective == "sft":
+        changed = [
+            f.name
+            for f in dataclasses.fields(ob)
+            if f.name not in ("objective", "monitor") and getattr(ob, f.name) != f.default
+        ]
+        if changed:
+            problems.append(
+                f"{', '.join(changed)}: preference settings, but objective is 'sft' (set objective: dpo, "
+                "or remove them)"
+            )
+        if ob.monitor == "val_reward_accuracy":
+            problems.append(
+                "monitor: 'val_reward_accuracy' needs a preference objective (objective: dpo); sft "
+                "monitors val_loss"
+            )
+        return
+    if ob.dpo_label_smoothing and ob.dpo_loss == "ipo":
+        problems.append("dpo_label_smoothing: applies to dpo_loss 'sigmoid' and 'simpo', not 'ipo'")
+    if ob.reference == "copy" and cfg.dist.strategy == "fsdp1":
+        problems.append(
+            "reference: 'copy' is not available with strategy fsdp1 (FSDP1 would wrap the copy into the "
+            "trained module); use cached (or auto), or strategy fsdp2"
+        )
+    if ob.reference == "adapter" and cfg.model.finetuning != "lora":
+        problems.append(
+            "reference: 'adapter' disables the LoRA adapter, but finetuning is 'full' (allowed: copy, "
+            "cached or auto)"
+        )
+    if ob.init_adapter and cfg.model.finetuning != "lora":
+        problems.append("init_adapter: continues a LoRA adapter; it needs finetuning: lora")
+    if ob.sft_config and cfg.model.finetuning != "lora":
+        problems.append(
+            "sft_config: the preference training continues the SFT run's LoRA adapter; it needs finetuning: lora"
+        )
+    if ob.sft_config and ob.init_adapter:
+        problems.append(
+            "sft_config / init_adapter: give one (sft_config trains the adapter that init_adapter would name)"
+        )
+    if (ob.init_adapter or ob.sft_config) and ob.reference == "adapter":
+        problems.append(
+            "reference: 'adapter' would make the base model without the SFT adapter of init_adapter the "
+            "reference; use cached (or auto) so that the SFT model is the reference"
+        )
+    if cfg.data.packing:
+        problems.append("packing: preference pairs are not packed (set packing: false)")
 
 
 def _check_debug(cfg: PipelineConfig, problems: list[str]) -> None:

@@ -29,7 +29,6 @@ from ftpipe.config.io import CONFIG_FILENAME, save_config
 from ftpipe.config.mix import SourceSettings
 from ftpipe.config.paths import source_identity
 from ftpipe.config.schema import DataConfig, PipelineConfig
-from ftpipe.data.chat import uses_tools
 from ftpipe.data.errors import BadRow, DataError, bad_row_error
 from ftpipe.data.formats import ConverterStopped, RowFormat, make_converter, replace_text, row_format
 from ftpipe.data.jsonscan import RAW_COLUMN
@@ -37,6 +36,14 @@ from ftpipe.data.manifest import MANIFEST_NAME
 from ftpipe.data.manifest import READY_MARKER as READY_MARKER
 from ftpipe.data.mix import SPLITS, allocate_splits, mix_targets, select_source_rows, shuffle_split
 from ftpipe.data.mix import split_counts as split_counts
+from ftpipe.data.preference import (
+    PAIR_OBJECTIVES,
+    PairFormat,
+    pair_columns_problem,
+    pair_format,
+    record_uses_tools,
+    sft_columns_problem,
+)
 from ftpipe.data.sources import ROW_NUMBERS, Part, Source, load_parts
 from ftpipe.utils.logging import get_logger, global_rank
 
@@ -82,7 +89,7 @@ def _format_batch(
     batch: dict[str, list],
     indices: list[int],
     *,
-    fmt: RowFormat,
+    fmt: RowFormat | PairFormat,
     part: Part,
     offset: int,
     fail: bool,
@@ -122,7 +129,7 @@ def _format_batch(
         out["reason"].append(None)
         out["detail"].append(None)
         out["notes"].append(sorted(set(notes)))
-        out["tools"].append(uses_tools(record))
+        out["tools"].append(record_uses_tools(record))
     return out
 
 
@@ -158,13 +165,20 @@ def _check_readable(part: Part, origin: str) -> None:
         )
 
 
-def _check_columns(part: Part, fmt: RowFormat, origin: str) -> None:
+def _check_columns(part: Part, fmt: RowFormat | PairFormat, origin: str) -> None:
     columns = part.columns
+    where = f"{origin}: " if origin != "dataset" else ""
+    problem = (
+        pair_columns_problem(fmt, columns)
+        if isinstance(fmt, PairFormat)
+        else sft_columns_problem(fmt, columns)
+    )
+    if problem:
+        raise DataError(f"{where}{part.name}: {problem}")
     missing = [c for c in fmt.required_columns() if c not in columns]
     if not missing:
         return
-    where = f"{origin}: " if origin != "dataset" else ""
-    if fmt.kind == "alpaca":
+    if fmt.kind == "alpaca" and isinstance(fmt, RowFormat):
         assert fmt.alpaca is not None
         named = ", ".join(
             f"{c!r} (field_mapping {f}: {c})" for f, c in fmt.alpaca.field_mapping.items() if c in missing
@@ -177,15 +191,27 @@ def _check_columns(part: Part, fmt: RowFormat, origin: str) -> None:
 
 
 def format_source(
-    spec: SourceSettings, parts: list[Part], work_dir: Path, fail: bool, digest: str, index: int, offset: int
+    spec: SourceSettings,
+    parts: list[Part],
+    work_dir: Path,
+    fail: bool,
+    digest: str,
+    index: int,
+    offset: int,
+    objective: str = "sft",
 ) -> Formatted:
     """Format every row of one source's parts with ``datasets.map``; columns are checked before any work.
 
-    Row ids continue from ``offset`` (the rows of the sources before this one).
+    Row ids continue from ``offset`` (the rows of the sources before this one); a preference
+    ``objective`` (dpo) reads preference layouts and writes pair records (``ftpipe.data.preference``).
     """
     data = spec.data
     converter = make_converter(data)
-    fmts = [row_format(data, part.columns, converter) for part in parts]
+    pairs = objective in PAIR_OBJECTIVES
+    fmts: list[RowFormat | PairFormat] = [
+        pair_format(data, part.columns, converter) if pairs else row_format(data, part.columns, converter)
+        for part in parts
+    ]
     for part, fmt in zip(parts, fmts, strict=True):
         _check_readable(part, spec.origin)
         _check_columns(part, fmt, spec.origin)
@@ -416,6 +442,7 @@ def build_prepared(
                     digest,
                     i,
                     offset,
+                    cfg.objective.objective,
                 )
             offset += result.rows_read
             _log_source(result, len(inputs) > 1)
@@ -453,6 +480,7 @@ def build_prepared(
             "sources": sources,
             "settings": settings,
             "settings_hash": digest,
+            "objective": cfg.objective.objective,
             "format": kinds.pop() if len(kinds) == 1 else "mixed",
             "formats": {part: kind for r in results for part, kind in r.formats.items()},
             "rows_read": sum(r.rows_read for r in results),

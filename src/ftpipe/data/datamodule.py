@@ -1,4 +1,7 @@
-"""The Lightning DataModule: prepared splits -> SFTDatasets -> padded batches.
+"""The Lightning DataModule of every objective: prepared splits -> tokenized datasets -> padded batches.
+
+The objective (``ftpipe.objectives``; handed in by the training stage, SFT when none is) decides the
+dataset of a split and the collate function; everything else here is the same for all objectives.
 
 Shuffling and distribution: the data module builds the samplers itself (the Trainer runs with
 ``use_distributed_sampler=False``). On one process the training loader shuffles with a generator
@@ -58,24 +61,36 @@ class SFTDataModule(pl.LightningDataModule):
 
     Construction checks that the tokenizer can render the data (chat template), so that problem
     shows before ``trainer.fit`` starts the training processes.
+
+    Args:
+        cfg: the pipeline configuration.
+        tokenizer: the model's tokenizer (``ftpipe.model.tokenizer.load_tokenizer``).
+        objective: the training objective (``ftpipe.objectives.Objective``): its ``dataset`` and
+            ``collator``; None: supervised fine-tuning (``SFTDataset``, ``SFTCollator``).
     """
 
-    def __init__(self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, objective: Any = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.collator = SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+        self.objective = objective
+        self.collator = self._collator(flatten=False)
         self.train_collator = self.collator
         if cfg.data.packing:
-            self.train_collator = SFTCollator(
-                tokenizer.pad_token_id,
-                pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-                flatten=_flash_attention(cfg),
-            )
+            self.train_collator = self._collator(flatten=_flash_attention(cfg))
         self.prepared = None
         self.datasets: dict[str, SFTDataset] = {}
         self._packed_train: PackedDataset | None = None
         self._check_tokenizer()
+
+    def _collator(self, flatten: bool) -> Any:
+        if self.objective is not None:
+            return self.objective.collator(self.tokenizer.pad_token_id, flatten=flatten)
+        return SFTCollator(
+            self.tokenizer.pad_token_id, pad_to_multiple_of=self.cfg.data.pad_to_multiple_of, flatten=flatten
+        )
 
     def _check_tokenizer(self) -> None:
         """A missing chat template fails here, before ``fit`` starts processes or loads weights.
@@ -86,7 +101,7 @@ class SFTDataModule(pl.LightningDataModule):
         from ftpipe.config.paths import prepared_data_dir
         from ftpipe.data.build import SPLIT_FILES
 
-        folder = prepared_data_dir(self.cfg.data)
+        folder = prepared_data_dir(self.cfg.data, self.cfg.objective.objective)
         check_chat_template_early(self.tokenizer, self.cfg.data, [folder / n for n in SPLIT_FILES.values()])
 
     def setup(self, stage: str | None = None) -> None:
@@ -101,14 +116,15 @@ class SFTDataModule(pl.LightningDataModule):
         for split in needed:
             if split not in self.datasets:
                 path = getattr(self.prepared, SPLITS[split])
-                self.datasets[split] = SFTDataset(
-                    path,
-                    self.tokenizer,
-                    self.cfg.data,
-                    name=f"{split} ({path})",
-                    role=role,
-                    wait_s=self.cfg.data.prepare_timeout_s,
-                )
+                kwargs = {
+                    "name": f"{split} ({path})",
+                    "role": role,
+                    "wait_s": self.cfg.data.prepare_timeout_s,
+                }
+                if self.objective is not None:
+                    self.datasets[split] = self.objective.dataset(path, self.tokenizer, **kwargs)
+                else:
+                    self.datasets[split] = SFTDataset(path, self.tokenizer, self.cfg.data, **kwargs)
 
     def _dataset(self, split: str) -> SFTDataset:
         if split not in self.datasets:
@@ -229,7 +245,8 @@ class LoaderWorkerInit:
 
 class LabelFreePadding(Dataset):
     """A split padded to a multiple of ``world`` samples: the extra samples are copies of the first ones
-    with every label -100, so they take a batch slot on their rank but count in no loss.
+    with every label -100 (every ``*labels`` field: both sides of a pair), so they take a batch slot on
+    their rank but count in no loss.
 
     (``DistributedSampler`` would pad with the same copies, labels and all, and count them twice.)
     """
@@ -246,7 +263,8 @@ class LabelFreePadding(Dataset):
         if index < self.size:
             return self.dataset[index]
         item = dict(self.dataset[index % self.size])
-        item["labels"] = [IGNORE_INDEX] * len(item["labels"])
+        for key in [k for k in item if k.endswith("labels")]:
+            item[key] = [IGNORE_INDEX] * len(item[key])
         return item
 
 

@@ -2,7 +2,9 @@
 
 Rows are read line by line (:func:`load_jsonl_rows`), so values keep their types, and encoded with the
 pure functions of :mod:`ftpipe.data.tokenize` through ``datasets.map`` (cached on disk by the
-tokenizer, the template and the data).
+tokenizer, the template and the data). The caching and the leader/follower machinery take the batch
+encoder, its columns and its code as arguments, so the preference pairs of :mod:`ftpipe.data.pairs`
+are tokenized the same way (under cache keys of their own).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -138,15 +141,20 @@ def _load_rows(source: str | os.PathLike | datasets.Dataset, cache_dir: str | No
     return load_jsonl_rows(source, cache_dir)
 
 
-def _rows_use_tools(rows: datasets.Dataset) -> bool:
-    """True when a row has tools, tool calls or tool results (only raw rows that mention ``"tool`` are parsed)."""
+def _rows_use_tools(
+    rows: datasets.Dataset,
+    uses: Callable[[Mapping[str, Any]], bool] = uses_tools,
+    column: str = "messages",
+) -> bool:
+    """True when a row has tools, tool calls or tool results (only raw rows that mention ``"tool`` are
+    parsed); ``uses`` tells it of one row, ``column`` is the one that holds the turns in a parsed data set."""
     if RAW_COLUMN not in rows.column_names:
-        return "messages" in rows.column_names and any(uses_tools(row) for row in rows)
+        return column in rows.column_names and any(uses(row) for row in rows)
     import pyarrow.compute as pc
 
-    column = rows.data.column(RAW_COLUMN)
-    hits = pc.indices_nonzero(pc.match_substring(column, '"tool')).to_pylist()
-    return any(uses_tools(json.loads(column[i].as_py())) for i in hits)
+    raw = rows.data.column(RAW_COLUMN)
+    hits = pc.indices_nonzero(pc.match_substring(raw, '"tool')).to_pylist()
+    return any(uses(json.loads(raw[i].as_py())) for i in hits)
 
 
 def _features() -> datasets.Features:
@@ -171,11 +179,20 @@ def _features() -> datasets.Features:
     )
 
 
-def _empty() -> datasets.Dataset:
+def _empty(features: datasets.Features | None = None) -> datasets.Dataset:
     import datasets
 
-    features = _features()
+    features = _features() if features is None else features
     return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+
+
+#: The files whose code decides SFT's encoding (their bytes are part of the cache key).
+ENCODING_FILES = (__file__, tokenize_module.__file__, render_module.__file__, chat_module.__file__)
+
+
+def code_digest(*extra: str | os.PathLike) -> str:
+    """SHA-256 of the encoding code: :data:`ENCODING_FILES`, then the ``extra`` files (another encoder's)."""
+    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in (*ENCODING_FILES, *extra))).hexdigest()
 
 
 #: Rows per tokenizing process: below twice this a split is tokenized in one process.
@@ -221,10 +238,18 @@ def _tokenized_cache(
 
 
 def _tokenize(
-    rows: datasets.Dataset, fn_kwargs: dict[str, Any], name: str, cache: Path | None, leader: bool
+    rows: datasets.Dataset,
+    fn_kwargs: dict[str, Any],
+    name: str,
+    cache: Path | None,
+    leader: bool,
+    *,
+    encode: Callable[..., dict[str, list]] | None = None,
+    features: datasets.Features | None = None,
 ) -> datasets.Dataset:
     """``datasets.map`` of the encoding over ``rows`` into ``cache`` (reused when there); a leader
-    marks the cache done (or failed) for the processes that wait for it."""
+    marks the cache done (or failed) for the processes that wait for it. ``encode`` (a module-level
+    batch function, default SFT's ``_encode_batch``) writes the columns of ``features`` (default SFT's)."""
     procs = min(os.cpu_count() or 1, len(rows) // ROWS_PER_PROC)
     done, failed = (
         (Path(f"{cache}{suffix}") for suffix in (DONE_SUFFIX, FAILED_SUFFIX)) if cache else (None, None)
@@ -233,11 +258,11 @@ def _tokenize(
         failed.unlink(missing_ok=True)
     try:
         encoded = rows.map(
-            _encode_batch,
+            _encode_batch if encode is None else encode,
             batched=True,
             fn_kwargs=fn_kwargs,
             remove_columns=rows.column_names,
-            features=_features(),
+            features=_features() if features is None else features,
             desc=f"tokenizing {name}",
             num_proc=procs if procs > 1 else None,
             cache_file_name=str(cache) if cache is not None else None,
@@ -283,6 +308,31 @@ def _wait_for_leader(cache: Path, name: str, wait_s: float) -> datasets.Dataset:
             log.info("%s: waiting for the first process to tokenize it (up to %.0f s)", name, wait_s)
             announced = True
         time.sleep(0.5)
+
+
+def encode_split(
+    rows: datasets.Dataset,
+    fn_kwargs: dict[str, Any],
+    *,
+    name: str,
+    cache: Path | None,
+    role: Literal["alone", "leader", "follower"],
+    wait_s: float,
+    encode: Callable[..., dict[str, list]] | None = None,
+    features: datasets.Features | None = None,
+) -> datasets.Dataset:
+    """The encoded split: empty, read from the leader's cache (a follower), or tokenized (here, or
+    reused from ``cache``); an error about the data is re-raised naming the split."""
+    try:
+        if len(rows) == 0:
+            return _empty(features)
+        if role == "follower" and cache is not None:
+            return _wait_for_leader(cache, name, wait_s)
+        return _tokenize(
+            rows, fn_kwargs, name, cache, leader=role == "leader", encode=encode, features=features
+        )
+    except ValueError as err:  # name the file: the message already names the row
+        raise type(err)(f"{name}: {err}") from err
 
 
 class SFTDataset(Dataset):
@@ -331,32 +381,17 @@ class SFTDataset(Dataset):
             _warn_if_turns_lack_eos(tokenizer, self.name)
         if chat_rows and _rows_use_tools(rows):
             check_tool_template(tokenizer, f"{self.name}: the data uses tools")
-        code = (
-            __file__,
-            tokenize_module.__file__,
-            render_module.__file__,
-            chat_module.__file__,
-        )  # what encodes
-        code_digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in code)).hexdigest()
-        fn_kwargs = {
-            "tokenizer": tokenizer,
-            "data_cfg": data_cfg,
-            "max_len": self.max_len,
-            "code": code_digest,
-        }
-        cache = _tokenized_cache(rows, tokenizer, data_cfg, self.max_len, code_digest)
-        try:
-            if len(rows) == 0:
-                encoded = _empty()
-            elif role == "follower" and cache is not None:
-                encoded = _wait_for_leader(cache, self.name, wait_s)
-            else:
-                encoded = _tokenize(rows, fn_kwargs, self.name, cache, leader=role == "leader")
-        except ValueError as err:  # name the file: the message already names the row
-            raise type(err)(f"{self.name}: {err}") from err
+        code = code_digest()  # what encodes
+        fn_kwargs = {"tokenizer": tokenizer, "data_cfg": data_cfg, "max_len": self.max_len, "code": code}
+        cache = _tokenized_cache(rows, tokenizer, data_cfg, self.max_len, code)
+        encoded = encode_split(rows, fn_kwargs, name=self.name, cache=cache, role=role, wait_s=wait_s)
         table = encoded.data
         dropped = table.column("dropped").to_pylist()
         kept = [i for i, d in enumerate(dropped) if not d]
+        # the kept samples' lengths, from the offsets (select() below maps indices: the table stays whole)
+        self._lengths = pc.filter(
+            pc.list_value_length(table.column("input_ids")), pc.invert(table.column("dropped"))
+        )
         if len(kept) < len(dropped):
             encoded = encoded.select(kept)
             table = encoded.data
@@ -414,6 +449,4 @@ class SFTDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Tokens of every sample, in order (read from the Arrow table, no sample is decoded)."""
-        import pyarrow.compute as pc
-
-        return pc.list_value_length(self.data.data.column("input_ids")).to_pylist()
+        return self._lengths.to_pylist()

@@ -84,18 +84,30 @@ def render_alpaca(row: Row, spec: AlpacaSpec, notes: list[str] | None = None) ->
     number or boolean in a field is taken as its JSON text and noted in ``notes`` as ``coerced:<field>``.
     """
     notes = [] if notes is None else notes
-    optional = set(spec.optional_fields)
-    values = {
-        name: _field_value(row, name, spec.field_mapping[name], name in optional, notes)
-        for name in spec.used_fields
-    }
-    template = spec.input_template
-    if spec.input_template_no_input is not None and optional and all(not values[f].strip() for f in optional):
-        template = spec.input_template_no_input
+    values = alpaca_values(row, spec, notes)
     output = spec.output_template.format_map(values)
     if not output.strip():
         raise BadRow("empty_output", "the rendered output is empty")
-    return {"input": template.format_map(values), "output": output}
+    return {"input": alpaca_prompt(values, spec), "output": output}
+
+
+def alpaca_values(row: Row, spec: AlpacaSpec, notes: list[str]) -> dict[str, str]:
+    """The text of every template field of ``spec`` in ``row`` (a BadRow for a missing or empty one)."""
+    optional = set(spec.optional_fields)
+    return {
+        name: _field_value(row, name, spec.field_mapping[name], name in optional, notes)
+        for name in spec.used_fields
+    }
+
+
+def alpaca_prompt(values: Mapping[str, str], spec: AlpacaSpec) -> str:
+    """The prompt rendered from the field values: ``input_template_no_input`` when every optional field
+    is empty (and it is set), else ``input_template``."""
+    optional = set(spec.optional_fields)
+    template = spec.input_template
+    if spec.input_template_no_input is not None and optional and all(not values[f].strip() for f in optional):
+        template = spec.input_template_no_input
+    return template.format_map(values)
 
 
 def load_converter(path: str) -> Callable[[dict[str, Any]], Any]:
@@ -157,6 +169,29 @@ class Converter:
         return self.func(row)
 
 
+def as_converter(converter: Converter | Callable) -> Converter:
+    """A plain function as a :class:`Converter` named after it."""
+    if isinstance(converter, Converter):
+        return converter
+    return Converter(name=getattr(converter, "__qualname__", "converter"), func=converter)
+
+
+def run_converter(converter: Converter, row: Row) -> Any:
+    """The converter's result for a copy of ``row``; None is a non-fatal ``converter_dropped``, an Exception
+    a ``converter_error`` and any other BaseException a :class:`ConverterStopped`."""
+    try:
+        result = converter(dict(row))
+    except Exception as err:
+        raise BadRow(
+            "converter_error", f"the converter {converter.name} raised {type(err).__name__}: {err}"
+        ) from err
+    except BaseException as err:  # sys.exit(), KeyboardInterrupt, ...: user code may not end the command
+        raise ConverterStopped(converter.name, err) from err
+    if result is None:
+        raise BadRow("converter_dropped", f"the converter {converter.name} returned None", fatal=False)
+    return result
+
+
 def _record_text(record: Record) -> str:
     if "messages" in record:
         return "\n".join(str(m.get("content") or "") for m in record["messages"])
@@ -175,26 +210,18 @@ def apply_converter(converter: Converter | Callable, row: Row, notes: list[str] 
     converter raises is a bad row (``converter_error``) naming the converter; SystemExit, KeyboardInterrupt
     and any other BaseException raised by it is a :class:`ConverterStopped` (the command stops, exit 2).
     """
-    if not isinstance(converter, Converter):
-        converter = Converter(name=getattr(converter, "__qualname__", "converter"), func=converter)
+    converter = as_converter(converter)
     notes = [] if notes is None else notes
-    try:
-        result = converter(dict(row))
-    except Exception as err:
-        raise BadRow(
-            "converter_error", f"the converter {converter.name} raised {type(err).__name__}: {err}"
-        ) from err
-    except BaseException as err:  # sys.exit(), KeyboardInterrupt, ...: user code may not end the command
-        raise ConverterStopped(converter.name, err) from err
-    if result is None:
-        raise BadRow("converter_dropped", f"the converter {converter.name} returned None", fatal=False)
+    result = run_converter(converter, row)
     if not isinstance(result, Mapping) or set(result) not in CONVERTER_SHAPES:
         keys = sorted(map(str, result)) if isinstance(result, Mapping) else None
         what = f"keys {keys}" if keys is not None else f"a {type(result).__name__}"
+        pair = keys is not None and {"chosen", "rejected"} <= set(keys)
         raise BadRow(
             "converter_bad_result",
             f'the converter {converter.name} returned {what}; it must return {{"input", "output"}}, '
-            '{"messages"} (optionally with "tools") or None: other keys would be lost',
+            '{"messages"} (optionally with "tools") or None: other keys would be lost'
+            + ("; a preference pair (chosen / rejected) needs objective: dpo" if pair else ""),
         )
     if "messages" in result:
         record = normalize_chat_row(result, "messages", notes)

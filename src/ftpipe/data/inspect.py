@@ -5,6 +5,12 @@ trained spans in colour on a terminal and between ``[[`` and ``]]`` otherwise, a
 token counts (prompt, trained, truncated by ``max_seq_length``). ``--json`` writes one JSON object per
 sample instead (``input_ids``, ``labels``, ``trained_spans``: the decoded text of each run of trained
 tokens, ``source``, the counts), so scripts and tests can check masking without ftpipe's internals.
+
+With ``objective: dpo`` the samples are preference pairs (:mod:`ftpipe.data.pairs`): per pair the
+prompt as the model sees it (after truncation), then each side's answer with its trained spans marked,
+and the counts (prompt tokens, tokens and trained tokens per side, truncated tokens, and why a pair
+is dropped). ``--json`` writes per pair ``prompt``, the counts and ``chosen`` / ``rejected`` objects
+(``input_ids``, ``labels``, ``trained_spans``, ``tokens``, ``trained_tokens``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ class InspectOptions:
     """What ``ftpipe inspect`` shows.
 
     Args:
-        n: how many samples to show (from the start of the split).
+        n: how many samples to show (from the start of the split); preference pairs with objective dpo.
         split: the prepared split to read: training, validation or test.
         json: write one JSON object per sample (input_ids, labels, trained_spans, source, token counts)
             instead of the marked text.
@@ -103,6 +109,101 @@ def inspect_samples(
     return samples
 
 
+def _pair_side(
+    tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int], prompt: int
+) -> dict[str, Any]:
+    """One side of a pair: its ids and labels, the decoded trained spans and the answer's pieces."""
+    pieces = runs(ids[prompt:], labels[prompt:])
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "trained_spans": [tokenizer.decode(span) for span, t in pieces if t],
+        "pieces": [(tokenizer.decode(span), t) for span, t in pieces],
+        "tokens": len(ids),
+        "answer_tokens": len(ids) - prompt,
+        "trained_tokens": sum(len(span) for span, t in pieces if t),
+    }
+
+
+def inspect_pairs(
+    tokenizer: PreTrainedTokenizerBase, path: Path, cfg: PipelineConfig, n: int
+) -> list[dict[str, Any]]:
+    """The first ``n`` preference pairs of a prepared split file, each as a JSON-ready dict (dropped
+    pairs included, with the reason in ``drop``)."""
+    from ftpipe.data.pairs import encode_pair, pair_uses_tools
+    from ftpipe.data.render import check_tool_template
+
+    pairs: list[dict[str, Any]] = []
+    tools_checked = False
+    for row in _rows(path):
+        if pair_uses_tools(row) and not tools_checked:
+            check_tool_template(tokenizer, f"{path}: the data uses tools")
+            tools_checked = True
+        pair = encode_pair(tokenizer, row, cfg.data)
+        prompt = pair.prompt_length
+        chosen = _pair_side(tokenizer, pair.chosen_input_ids, pair.chosen_labels, prompt)
+        rejected = _pair_side(tokenizer, pair.rejected_input_ids, pair.rejected_labels, prompt)
+        pairs.append(
+            {
+                "index": len(pairs),
+                "row_id": row.get("id"),
+                "source": row.get("source"),
+                "prompt": tokenizer.decode(pair.chosen_input_ids[:prompt]),
+                "prompt_tokens": prompt,
+                "prompt_truncated": pair.prompt_truncated,
+                "answers_cut": pair.answers_cut,
+                "truncated_tokens": pair.full_length - max(chosen["tokens"], rejected["tokens"]),
+                "drop": pair.drop,
+                "chosen": chosen,
+                "rejected": rejected,
+            }
+        )
+        if len(pairs) >= n:
+            break
+    return pairs
+
+
+def _without_pieces(sample: dict[str, Any]) -> dict[str, Any]:
+    """A sample (or pair) as ``--json`` writes it: without the decoded pieces of the text view."""
+    return {k: _without_pieces(v) if isinstance(v, dict) else v for k, v in sample.items() if k != "pieces"}
+
+
+def _pair_header(pair: dict[str, Any], total: int) -> str:
+    sides = "; ".join(
+        f"{side} {pair[side]['answer_tokens']} tokens ({pair[side]['trained_tokens']} trained)"
+        for side in ("chosen", "rejected")
+    )
+    dropped = f"; dropped: {pair['drop']}" if pair["drop"] else ""
+    return (
+        f"pair {pair['index'] + 1} of {total} (row id {pair['row_id']}, source {pair['source']}): "
+        f"prompt {pair['prompt_tokens']} tokens; {sides}; {pair['truncated_tokens']} truncated{dropped}"
+    )
+
+
+def print_pairs(pairs: list[dict[str, Any]], stream: IO[str], colour: bool) -> None:
+    """The pairs as text: the prompt, then each answer with its trained spans in colour or between marks."""
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(
+        file=stream, force_terminal=colour, no_color=not colour, highlight=False, soft_wrap=True
+    )
+    for pair in pairs:
+        console.print(Text(f"── {_pair_header(pair, len(pairs))} ──", style="bold" if colour else ""))
+        console.print(Text(pair["prompt"]))
+        for side in ("chosen", "rejected"):
+            console.print(Text(f"── {side} ──", style="bold" if colour else ""))
+            text = Text()
+            for piece, trained in pair[side]["pieces"]:
+                if colour:
+                    text.append(piece, style="bold green on grey15" if trained else "")
+                else:
+                    text.append(f"{OPEN_MARK}{piece}{CLOSE_MARK}" if trained else piece)
+            console.print(text)
+    if not colour:
+        console.print(f"(trained spans are between {OPEN_MARK} and {CLOSE_MARK})")
+
+
 def _header(sample: dict[str, Any], total: int) -> str:
     turn = f", assistant turn {sample['turn'] + 1}" if sample["turn"] is not None else ""
     return (
@@ -146,14 +247,14 @@ def inspect(cfg: PipelineConfig, options: InspectOptions | None = None) -> list[
     tokenizer = load_tokenizer(cfg.model)  # the model and its chat_template are checked before the data
     prepared = prepare_data(cfg)
     path = Path(getattr(prepared, SPLIT_NAMES[options.split]))
-    samples = inspect_samples(tokenizer, path, cfg, options.n)
+    pairs = cfg.objective.objective == "dpo"
+    samples = (inspect_pairs if pairs else inspect_samples)(tokenizer, path, cfg, options.n)
     if not samples:
-        log.warning("%s has no samples to show", path)
+        log.warning("%s has no %s to show", path, "pairs" if pairs else "samples")
     if options.json:
         for sample in samples:
-            record = {k: v for k, v in sample.items() if k != "pieces"}
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.write(json.dumps(_without_pieces(sample), ensure_ascii=False) + "\n")
         sys.stdout.flush()
     else:
-        print_samples(samples, sys.stdout, colour=sys.stdout.isatty())
+        (print_pairs if pairs else print_samples)(samples, sys.stdout, colour=sys.stdout.isatty())
     return samples

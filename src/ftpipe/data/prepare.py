@@ -34,6 +34,7 @@ from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.build import READY_MARKER, SPLIT_FILES, build_prepared
 from ftpipe.data.errors import DataError, PrepareTimeoutError
 from ftpipe.data.manifest import MANIFEST_NAME, PREPARED_KEYS, read_manifest
+from ftpipe.data.preference import PAIR_KEYS, PAIR_OBJECTIVES, is_pair_record
 from ftpipe.data.sources import Source, resolve_source, source_fingerprint
 from ftpipe.utils.folders import recover, staging_dir, swap_in
 from ftpipe.utils.logging import get_logger, global_rank
@@ -242,11 +243,16 @@ def _build_staged(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _settings(cfg: PipelineConfig) -> dict:
+    """The prepare settings of ``cfg`` (its data settings and objective)."""
+    return prepare_settings(cfg.data, cfg.objective.objective)
+
+
 def _prepare_rank0(cfg: PipelineConfig, folder: Path) -> PreparedData:
     data = cfg.data
     check_data_dir_outside_sources(cfg)
     resolved = _resolve_sources(cfg)
-    settings = prepare_settings(data)
+    settings = _settings(cfg)
     digest = settings_hash(settings)
     check_output_folder("data_dir", folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +284,7 @@ def _prepare_rank0(cfg: PipelineConfig, folder: Path) -> PreparedData:
 
 def _wait_ready(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
     """Poll for rank 0's marker (no process group); a clear error after ``prepare_timeout_s``."""
-    digest = settings_hash(prepare_settings(cfg.data))
+    digest = settings_hash(_settings(cfg))
     try:
         fingerprint: list[dict] | None = _flat(_fingerprints(_resolve_sources(cfg)))
     except (DataError, OSError):
@@ -303,7 +309,7 @@ def _wait_ready(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedData:
 def _store_key(cfg: PipelineConfig, folder: Path) -> str:
     """The key of this preparation's outcome: the settings, the folder and the launcher's restart round (a
     torchrun restart keeps its store, and a new round must not read the old round's outcome)."""
-    digest = settings_hash(prepare_settings(cfg.data))
+    digest = settings_hash(_settings(cfg))
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return f"ftpipe/prepare/{digest}/{folder.name}/{restart}"
 
@@ -375,9 +381,11 @@ def _prepare_in_group(cfg: PipelineConfig, folder: Path, rank: int) -> PreparedD
 _CHECKED_ROWS = 20
 
 
-def _check_prepared_rows(path: Path) -> None:
+def _check_prepared_rows(path: Path, objective: str = "sft") -> None:
     """The first rows of a ``prepared_dir`` split must be ftpipe's prepared rows (``{"input", "output"}``
-    or ``{"messages"[, "tools"]}``, with ``id`` and ``source``), not raw data."""
+    or ``{"messages"[, "tools"]}``; for a preference objective ``{"prompt", "chosen", "rejected"[,
+    "tools"]}``; with ``id`` and ``source``), not raw data."""
+    pairs = objective in PAIR_OBJECTIVES
     fix = (
         f"prepared_dir must hold the files `ftpipe prepare` writes ({MANIFEST_NAME} beside them); for raw "
         "data, unset prepared_dir and point `dataset` at it instead"
@@ -397,8 +405,17 @@ def _check_prepared_rows(path: Path) -> None:
                 raise DataError(
                     f"prepared_dir: {path}: line {lineno} is a JSON {type(row).__name__}, not a prepared row; {fix}"
                 )
-            other = sorted(set(row) - PREPARED_KEYS)
-            shaped = ("input" in row and "output" in row) or "messages" in row
+            pair = is_pair_record(row)
+            sft = ("input" in row and "output" in row) or "messages" in row
+            if pair != pairs and (pair or sft) and not set(row) - PREPARED_KEYS - PAIR_KEYS:
+                shape = "a preference pair" if pair else "a prompt/answer record"
+                raise DataError(
+                    f"prepared_dir: {path}: line {lineno} is {shape}, but objective is {objective!r}; set "
+                    f"objective: {'dpo' if pair else 'sft'}, or give prepared_dir a folder prepared for "
+                    f"objective {objective!r}"
+                )
+            other = sorted(set(row) - (PREPARED_KEYS | PAIR_KEYS if pairs else PREPARED_KEYS))
+            shaped = pair if pairs else sft
             if other or not shaped:
                 has = f"has the keys {sorted(row)}" + (
                     f" ({', '.join(other)} not prepared fields)" if other else ""
@@ -412,7 +429,7 @@ def _check_prepared_rows(path: Path) -> None:
                 return
 
 
-def _given_prepared(folder: Path) -> PreparedData:
+def _given_prepared(folder: Path, objective: str = "sft") -> PreparedData:
     """``prepared_dir``: the three split files as they are (checked and counted, not rewritten)."""
     missing = [name for name in SPLIT_FILES.values() if not (folder / name).is_file()]
     if missing:
@@ -422,7 +439,7 @@ def _given_prepared(folder: Path) -> PreparedData:
             "and give the raw data as dataset"
         )
     for name in SPLIT_FILES.values():
-        _check_prepared_rows(folder / name)
+        _check_prepared_rows(folder / name, objective)
     counts = {}
     for split, name in SPLIT_FILES.items():
         with open(folder / name, encoding="utf-8") as fh:
@@ -433,13 +450,13 @@ def _given_prepared(folder: Path) -> PreparedData:
 
 
 def prepare_data(cfg: PipelineConfig) -> PreparedData:
-    """Prepare (or reuse) the data set of ``cfg`` in ``prepared_data_dir(cfg.data)`` on rank 0 (on
+    """Prepare (or reuse) the data set of ``cfg`` in ``prepared_data_dir(cfg.data, objective)`` on rank 0 (on
     the first process of every node with ``prepare_per_node``), or take ``prepared_dir`` as it is."""
 
-    folder = prepared_data_dir(cfg.data)
+    folder = prepared_data_dir(cfg.data, cfg.objective.objective)
     rank = global_rank()
     if cfg.data.prepared_dir:
-        result = _given_prepared(folder)
+        result = _given_prepared(folder, cfg.objective.objective)
     elif cfg.data.prepare_per_node:
         leader = local_rank() == 0
         result = _prepare_rank0(cfg, folder) if leader else _wait_ready(cfg, folder, rank)

@@ -37,6 +37,9 @@ Choices:
   end). A leading BOS that the tokenizer adds itself is kept.
 * **labels[0] is always -100**: position 0 predicts nothing in the shifted loss, so the count of
   labels != -100 is exactly the number of tokens in the loss. A sample with no such label is dropped.
+
+Preference pairs (:mod:`ftpipe.data.pairs`) are built from the same pieces: a pair's answer is
+tokenized exactly as the SFT sample of its prompt plus that answer.
 """
 
 from __future__ import annotations
@@ -115,6 +118,11 @@ def is_chat_row(row: Mapping[str, Any]) -> bool:
     return row.get("messages") is not None
 
 
+def is_chat_pair(row: Mapping[str, Any]) -> bool:
+    """True for a preference pair whose ``prompt`` is messages (see :mod:`ftpipe.data.pairs`)."""
+    return isinstance(row.get("prompt"), list)
+
+
 def _first_row(path: Path) -> Mapping[str, Any] | None:
     """The first row of a JSONL file; None when it is missing, empty or unreadable (the dataset reports that)."""
     try:
@@ -141,9 +149,9 @@ def check_chat_template_early(
 ) -> None:
     """Raise ChatTemplateError before any long work when the data needs a chat template the tokenizer lacks.
 
-    ``use_chat_template`` needs one; so do chat rows, seen in the first row of each existing ``files``
-    (prepared splits hold one kind of row); rows with tools (the prepared folder's manifest says how
-    many) need a template that renders them. Cheap: the training stage calls it (through the data
+    ``use_chat_template`` needs one; so do chat rows (and chat preference pairs), seen in the first row
+    of each existing ``files`` (prepared splits hold one kind of row); rows with tools (the prepared
+    folder's manifest says how many) need a template that renders them. Cheap: the training stage calls it (through the data
     module) before the training processes start and before model weights load.
     """
     if data_cfg.use_chat_template:
@@ -152,6 +160,8 @@ def check_chat_template_early(
         row = _first_row(path) if path.is_file() else None
         if row is not None and is_chat_row(row):
             require_chat_template(tokenizer, f"the data has chat rows (messages), e.g. {path}")
+        elif row is not None and is_chat_pair(row):
+            require_chat_template(tokenizer, f"the data has chat pairs (prompt messages), e.g. {path}")
     folders = {Path(f).parent for f in files}
     with_tools = sum(_manifest_tools(folder) for folder in folders)
     if with_tools:
@@ -255,15 +265,32 @@ def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.eos_token_id
 
 
-def _alpaca_prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], data_cfg: DataConfig
+def _text_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, data_cfg: DataConfig, system: str | None = None
 ) -> list[int]:
-    text = _require_text(row, "input")
+    """A text prompt's ids: the text itself (BOS rules above), or with ``use_chat_template`` one user turn
+    through the chat template with the generation prompt, after the ``system`` message when given, else
+    ``system_prompt`` (else the template's default). ``system`` only counts with the chat template."""
     if not data_cfg.use_chat_template:
         return _plain_prompt_ids(tokenizer, text)
     require_chat_template(tokenizer, "use_chat_template is true")
-    messages = _with_system([{"role": "user", "content": text}], data_cfg)
+    user = [{"role": "user", "content": text}]
+    messages = [{"role": "system", "content": system}, *user] if system else _with_system(user, data_cfg)
     return text_ids(tokenizer, render(tokenizer, messages, generation=True, kwargs=template_kwargs(data_cfg)))
+
+
+def _text_answer_ids(tokenizer: PreTrainedTokenizerBase, text: str, eos: int) -> list[int]:
+    """A plain-text answer's ids, ending with one EOS (appended unless the text already ends with it)."""
+    ids = text_ids(tokenizer, text)
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+    return ids
+
+
+def _alpaca_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], data_cfg: DataConfig
+) -> list[int]:
+    return _text_prompt_ids(tokenizer, _require_text(row, "input"), data_cfg)
 
 
 #: (context ids, context labels, answer ids, answer labels) of one sample before fitting.
@@ -382,9 +409,7 @@ def fit_to_length(
 def _alpaca_parts(tokenizer: PreTrainedTokenizerBase, row: Mapping[str, Any], data_cfg: DataConfig) -> Parts:
     eos = eos_id(tokenizer)
     ctx_ids = _alpaca_prompt_ids(tokenizer, row, data_cfg)
-    answer_ids = text_ids(tokenizer, _require_text(row, "output"))
-    if not answer_ids or answer_ids[-1] != eos:
-        answer_ids.append(eos)
+    answer_ids = _text_answer_ids(tokenizer, _require_text(row, "output"), eos)
     return ctx_ids, [IGNORE_INDEX] * len(ctx_ids), answer_ids, list(answer_ids)
 
 

@@ -74,6 +74,8 @@ def create_model(
             log.info("FSDP1 %s: every rank reads the weights", why)
         model = load_pretrained(cfg, config, dtype)
     model = prepare_for_finetuning(model, cfg)
+    if not (rank0_broadcasts and rank != 0):
+        continue_adapter(model, cfg)
     if fsdp1_multi and not rank0_broadcasts and cfg.model.finetuning == "lora":
         _broadcast_trainable_from_rank0(model)
     if kind in ("ddp", "single") and cfg.dist.activation_checkpointing:
@@ -107,6 +109,7 @@ def _create_fsdp2(
     if rank == 0 or not broadcast:
         with torch.device("cpu"):
             reference = prepare_for_finetuning(load_pretrained(cfg, config, dtype), cfg, announce=False)
+            continue_adapter(reference, cfg)
         if not broadcast and mesh.size() > 1 and cfg.model.finetuning == "lora":
             _broadcast_trainable_from_rank0(reference)
         full_state = reference.state_dict()
@@ -138,6 +141,19 @@ def _create_fsdp2(
     how = "rank 0's weights broadcast into the shards" if broadcast else "weights loaded into the shards"
     log.info("FSDP2: %s in %.1fs", how, time.monotonic() - start)
     return model.train()
+
+
+def continue_adapter(model: torch.nn.Module, cfg: PipelineConfig) -> None:
+    """``init_adapter``: the LoRA adapter of an earlier run (an SFT checkpoint or adapter folder) replaces
+    the fresh one, so that training continues it."""
+    path = cfg.objective.init_adapter
+    if not path or cfg.model.finetuning != "lora":
+        return
+    from ftpipe.model.adapter import apply_adapter_weights, read_adapter
+
+    count = apply_adapter_weights(model, read_adapter(path), f"init_adapter {path}")
+    if ranks.rank() == 0:
+        log.info("init_adapter: continuing the LoRA adapter of %s (%d tensors)", path, count)
 
 
 def _broadcast_trainable_from_rank0(model: torch.nn.Module) -> None:

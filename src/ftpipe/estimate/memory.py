@@ -97,9 +97,11 @@ class MemoryEstimate:
         shape: parameter counts and layer structure.
         target: device, precision and attention kernel.
         layout: sharding over the ranks.
-        micro_batch_size: sequences per micro-batch.
+        micro_batch_size: samples per micro-batch (a preference pair is two sequences).
         seq_len: tokens per sequence (``max_seq_length``).
         weights: frozen base weights (all base weights for full fine-tuning).
+        reference_weights: a frozen copy of the model for a preference objective's reference
+            (``reference: copy``; the adapter-disabled and cached references need none).
         lora_weights: LoRA adapter weights.
         gradients: gradients of the trainable parameters.
         optimizer_state: AdamW's two moments.
@@ -125,6 +127,7 @@ class MemoryEstimate:
     seq_len: int
     weights: int
     lora_weights: int
+    reference_weights: int
     gradients: int
     optimizer_state: int
     fsdp_buffers: int
@@ -288,9 +291,15 @@ def _compute(
     if layout.offload:
         host = weights + lora_weights + gradients + optimizer_state
         weights = lora_weights = gradients = optimizer_state = 0
+    from ftpipe.objectives import get_objective
+
+    objective = get_objective(cfg)
+    # a pair's two sequences go through one forward; the reference forward keeps no activations
+    sequences = cfg.train.micro_batch_size * objective.sequences_per_sample
+    reference_weights = shape.base_params * w_bytes // shard if objective.reference == "copy" else 0
     acts = activation_bytes(
         shape,
-        micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_size=sequences,
         seq_len=cfg.data.max_seq_length,
         compute_bytes=a_bytes,
         attn=target.attn_implementation,
@@ -300,7 +309,7 @@ def _compute(
     )
     buffers = _fsdp_buffers(shape, layout, cfg, target.precision)
     overhead = CUDA_OVERHEAD_BYTES if target.device == "cuda" else 0
-    rest = weights + lora_weights + gradients + optimizer_state + buffers + overhead
+    rest = weights + reference_weights + lora_weights + gradients + optimizer_state + buffers + overhead
     checkpointing, auto_reason = cfg.dist.activation_checkpointing, None
     if checkpointing == "auto":
         limit, where = _auto_memory(cfg, target.device, device_memory)
@@ -324,6 +333,7 @@ def _compute(
         seq_len=cfg.data.max_seq_length,
         weights=weights,
         lora_weights=lora_weights,
+        reference_weights=reference_weights,
         gradients=gradients,
         optimizer_state=optimizer_state,
         fsdp_buffers=buffers,

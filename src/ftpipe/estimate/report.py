@@ -54,8 +54,20 @@ def _rows(est: MemoryEstimate) -> list[tuple[str, str, str]]:
         if t.device == "cuda"
         else "none on the CPU (the process before the model is built is not counted)"
     )
+    reference_rows = (
+        [
+            (
+                "reference model (frozen copy)",
+                _gib(est.reference_weights),
+                f"{_count(s.base_params)} params in {w}{per}",
+            )
+        ]
+        if est.reference_weights
+        else []
+    )
     rows = [
         ("base weights", _gib(est.weights), f"{_count(s.base_params)} params in {w}{master}{per}{offloaded}"),
+        *reference_rows,
         *lora_rows,
         (
             "gradients",

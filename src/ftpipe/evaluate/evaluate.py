@@ -12,19 +12,20 @@ export first, see ``ftpipe.pipeline.evaluate_model``). Written to
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ftpipe.config import results_root, validate_config
-from ftpipe.config.paths import check_output_folder
+from ftpipe.config import validate_config
 from ftpipe.config.schema import PipelineConfig
-from ftpipe.errors import FtpipeError
+from ftpipe.evaluate.common import (  # part of this module's interface
+    EvalResult,
+    answer_text,
+    finish_report,
+    rows_to_score,
+)
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-METRICS_FILENAME = "metrics.jsonl"
 HEADLINE = (
     "bertscore_f1",
     "rougeL_f1",
@@ -35,64 +36,6 @@ HEADLINE = (
     "loss",
     "perplexity",
 )
-
-
-class EvaluationError(FtpipeError, RuntimeError):
-    """Evaluation cannot run; the message says what to change."""
-
-
-@dataclass
-class EvalResult:
-    """Where the report is and the headline scores.
-
-    Attributes:
-        report_json: ``eval_report.json``.
-        report_md: ``report.md``.
-        backend: generation backend that ran (``vllm`` or ``transformers``).
-        num_samples: test rows scored.
-        base: aggregate scores of the base model (metric -> value).
-        finetuned: aggregate scores of the fine-tuned model.
-        plots: training-curve PNGs.
-        seconds: how long the evaluation took.
-        finetuned_path: the fine-tuned model that was scored.
-    """
-
-    report_json: str
-    report_md: str
-    backend: str
-    num_samples: int
-    base: dict[str, float]
-    finetuned: dict[str, float]
-    plots: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    finetuned_path: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def eval_dir(cfg: PipelineConfig) -> Path:
-    """``eval_dir`` when set, else ``<results_root>/eval``."""
-    if cfg.eval.eval_dir:
-        return Path(cfg.eval.eval_dir).expanduser()
-    return results_root(cfg) / "eval"
-
-
-def rows_to_score(cfg: PipelineConfig) -> tuple[Path, list[dict[str, Any]]]:
-    """The prepared test split and its rows to score (the first ``max_eval_samples``), after checking
-    that the report folder can be written; an EvaluationError when there is nothing to score."""
-    from ftpipe.data.prepare import prepare_data, read_jsonl
-
-    check_output_folder("eval_dir" if cfg.eval.eval_dir else "results_dir", eval_dir(cfg))
-    prepared = prepare_data(cfg)
-    rows = read_jsonl(prepared.test_file)
-    if cfg.eval.max_eval_samples is not None:
-        rows = rows[: cfg.eval.max_eval_samples]
-    if not rows:
-        raise EvaluationError(
-            f"the test split {prepared.test_file} is empty: set test_ratio above 0 (and max_eval_samples >= 1)"
-        )
-    return prepared.test_file, rows
 
 
 def _loss(model_path: str, examples: list[tuple[list[int], list[int]]], cfg: PipelineConfig, pad_id: int):
@@ -112,27 +55,6 @@ def _loss(model_path: str, examples: list[tuple[list[int], list[int]]], cfg: Pip
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def answer_text(generated: str) -> str:
-    """A generated answer as the text scores compare it with the reference: without its leading reasoning
-    trace, and with its tool calls (when they parse) written as the reference writes them, one
-    ``{"name": ..., "arguments": ...}`` object per line after the text."""
-    import json
-
-    from ftpipe.data.chat import split_think
-    from ftpipe.evaluate.toolcalls import TOOL_CALL_BLOCK, parse_tool_calls
-
-    try:
-        answer = split_think(generated, "answer")[1]
-    except ValueError:  # an unclosed trace: the answer never came
-        return ""
-    calls, parsed = parse_tool_calls(answer)
-    if not parsed:
-        return answer
-    text = TOOL_CALL_BLOCK.sub("", answer).strip()
-    text = "" if text.startswith(("{", "[")) else text  # a bare JSON call is the call itself
-    return "\n".join([t for t in [text] if t] + [json.dumps(c, ensure_ascii=False) for c in calls])
 
 
 def _score_model(
@@ -181,13 +103,16 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str) -> EvalResult:
     exported first, is the caller's choice (``ftpipe.pipeline.evaluate_model``)."""
     from ftpipe.data.tokenize import encode_example, reference_output, reference_tool_calls
     from ftpipe.evaluate.generate import build_prompts
-    from ftpipe.evaluate.report import write_report
     from ftpipe.model.embedded import resolve_model_path
     from ftpipe.model.tokenizer import check_tokenizer_files, load_tokenizer
 
     start = time.monotonic()
     cfg = validate_config(cfg)
     check_tokenizer_files(finetuned_path, "export_dir" if cfg.export.export_dir else "the fine-tuned model")
+    if cfg.objective.objective != "sft":
+        from ftpipe.evaluate.preference import evaluate_preferences
+
+        return evaluate_preferences(cfg, finetuned_path)
     test_file, rows = rows_to_score(cfg)
     tokenizer = load_tokenizer(cfg.model)
     prompts = build_prompts(tokenizer, rows, cfg.data)
@@ -264,29 +189,4 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str) -> EvalResult:
         "samples": samples,
         "config": cfg.to_flat(),
     }
-    report["timings"] = {"total_seconds": time.monotonic() - start}
-    paths = write_report(report, eval_dir(cfg), results_root(cfg) / METRICS_FILENAME)
-    result = EvalResult(
-        report_json=paths["json"],
-        report_md=paths["markdown"],
-        backend=backend,
-        num_samples=len(rows),
-        base={k: aggregates["base"][k] for k in HEADLINE if aggregates["base"].get(k) is not None},
-        finetuned={
-            k: aggregates["finetuned"][k] for k in HEADLINE if aggregates["finetuned"].get(k) is not None
-        },
-        plots=paths["plots"],
-        seconds=time.monotonic() - start,
-        finetuned_path=finetuned_path,
-    )
-    log.info(
-        "evaluation (%s, %d samples) in %.0fs: %s; report: %s",
-        backend,
-        result.num_samples,
-        result.seconds,
-        ", ".join(
-            f"{k} {result.base.get(k, float('nan')):.4f} -> {v:.4f}" for k, v in result.finetuned.items()
-        ),
-        result.report_md,
-    )
-    return result
+    return finish_report(cfg, report, HEADLINE, start=start, finetuned_path=finetuned_path, what="evaluation")

@@ -29,14 +29,38 @@ TABLE_ROWS = (
     ("tool_call_exact", "Exact tool calls (name and arguments)", True),
     ("loss", "Test loss", False),
     ("perplexity", "Test perplexity", False),
+    ("preference_accuracy", "Preference accuracy (avg log-prob: chosen above rejected)", True),
+    ("preference_margin", "Mean margin (avg log-prob, chosen - rejected)", True),
+    ("reward_accuracy", "Reward accuracy (implicit reward vs the base model)", True),
+    ("reward_margin", "Mean reward margin (implicit reward vs the base model)", True),
+    ("closer_to_chosen", "Generations closer to chosen than rejected (BERTScore)", True),
+    ("bertscore_f1_chosen", "BERTScore F1 to chosen", True),
+    ("bertscore_f1_rejected", "BERTScore F1 to rejected", False),
 )
 #: rows shown only when the test split has samples they apply to.
-OPTIONAL_ROWS = frozenset({"tool_call_parsed", "tool_call_name", "tool_call_exact"})
+OPTIONAL_ROWS = frozenset(
+    {
+        "tool_call_parsed",
+        "tool_call_name",
+        "tool_call_exact",
+        "loss",
+        "perplexity",
+        "preference_accuracy",
+        "preference_margin",
+        "reward_accuracy",
+        "reward_margin",
+        "closer_to_chosen",
+        "bertscore_f1_chosen",
+        "bertscore_f1_rejected",
+    }
+)
 #: (metrics.jsonl key, plot file, title).
 CURVES = (
     ("loss", "loss.png", "Training loss"),
     ("val_loss", "val_loss.png", "Validation loss"),
     ("lr", "lr.png", "Learning rate"),
+    ("rewards/accuracies", "reward_accuracy.png", "Reward accuracy (training)"),
+    ("val_reward_accuracy", "val_reward_accuracy.png", "Reward accuracy (validation)"),
 )
 
 
@@ -178,7 +202,14 @@ def markdown_report(report: dict[str, Any], plots: list[Path]) -> str:
         lines += [
             f"**Prompt {sample['index']}:** {sample['prompt_text'].strip()[:500]}",
             "",
-            f"- reference: {sample['reference'].strip()[:500]}",
+            *(
+                [
+                    f"- chosen: {sample['chosen'].strip()[:500]}",
+                    f"- rejected: {sample['rejected'].strip()[:500]}",
+                ]
+                if "chosen" in sample
+                else [f"- reference: {sample['reference'].strip()[:500]}"]
+            ),
             f"- base: {sample['base']['prediction'].strip()[:500]}",
             f"- fine-tuned: {sample['finetuned']['prediction'].strip()[:500]}",
             "",

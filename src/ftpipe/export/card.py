@@ -58,7 +58,7 @@ def _hub_datasets(cfg: PipelineConfig) -> list[str]:
 def _data_lines(cfg: PipelineConfig) -> list[str]:
     from ftpipe.data.manifest import read_manifest
 
-    manifest = read_manifest(prepared_data_dir(cfg.data)) or {}
+    manifest = read_manifest(prepared_data_dir(cfg.data, cfg.objective.objective)) or {}
     counts = manifest.get("counts") or {}
     lines = []
     for name, entry in (manifest.get("sources") or {}).items():
@@ -78,8 +78,26 @@ def _data_lines(cfg: PipelineConfig) -> list[str]:
 
 
 def _training_lines(cfg: PipelineConfig, checkpoint: str) -> list[str]:
-    m, lo, t, d = cfg.model, cfg.lora, cfg.train, cfg.data
+    m, lo, t, d, ob = cfg.model, cfg.lora, cfg.train, cfg.data, cfg.objective
     lines = [f"- fine-tuning: {m.finetuning}"]
+    if ob.objective == "sft":
+        lines.append("- objective: supervised fine-tuning (next-token loss on the answers)")
+    else:
+        extra = f", SFT term on chosen answers (rpo_alpha {ob.rpo_alpha:g})" if ob.rpo_alpha else ""
+        smoothing = f", label smoothing {ob.dpo_label_smoothing:g}" if ob.dpo_label_smoothing else ""
+        gamma = f", gamma {ob.simpo_gamma:g}" if ob.dpo_loss == "simpo" else ""
+        from ftpipe.objectives.dpo import resolve_reference
+
+        reference = {
+            None: "none (reference-free)",
+            "adapter": "the starting model (the adapter disabled)",
+            "copy": "a frozen copy of the starting model",
+            "cached": "the starting model (log-probabilities computed once)",
+        }[resolve_reference(cfg)]
+        lines.append(
+            f"- objective: preference tuning ({ob.objective}, loss {ob.dpo_loss}, beta {ob.dpo_beta:g}{gamma}"
+            f"{smoothing}{extra}) on prompt / chosen / rejected pairs; reference model: {reference}"
+        )
     if m.finetuning == "lora":
         lines.append(
             f"- LoRA: r={lo.lora_rank}, alpha={lo.lora_alpha}, dropout={lo.lora_dropout}, "
@@ -155,7 +173,7 @@ def model_card(cfg: PipelineConfig, kind: str, checkpoint: str, base_path: str) 
     tags = [
         "ftpipe",
         "text-generation",
-        "sft",
+        cfg.objective.objective,
         "lora" if cfg.model.finetuning == "lora" else "full-fine-tune",
     ]
     if cfg.model.chat_template == "chatml-tools":

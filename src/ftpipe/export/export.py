@@ -225,35 +225,10 @@ def _load_base(cfg: PipelineConfig, path: str, dtype: torch.dtype):
 
 
 def apply_adapter_weights(peft_model, weights: dict[str, torch.Tensor], source: str) -> int:
-    """Copy the trained tensors (HF / adapter-file names) into ``peft_model`` in place; returns how many.
+    """Copy the trained tensors into ``peft_model`` (``ftpipe.model.adapter``); an ExportError on mismatch."""
+    from ftpipe.model.adapter import apply_adapter_weights as apply
 
-    The trained tensors are the PEFT model's trainable parameters: the LoRA matrices, DoRA's magnitudes
-    and the whole modules of ``modules_to_save``. Every one of them must be in ``weights`` and every such
-    tensor of ``weights`` must fit one, else ExportError (a mismatch of rank, variant or target modules
-    would give a wrong model).
-    """
-    from ftpipe.model.checkpoint import hf_name
-
-    params = {hf_name(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
-    lora = {k: v for k, v in weights.items() if k in params or is_lora_key(k) or "lora_" in k}
-    missing, unexpected = sorted(set(params) - set(lora)), sorted(set(lora) - set(params))
-    if missing or unexpected:
-        raise ExportError(
-            f"{source}: the LoRA weights do not fit the model built from lora_rank/lora_target_modules: "
-            f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}; export with the training "
-            "run's configuration"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            tensor = lora[name]
-            if tensor.shape != param.shape:
-                raise ExportError(
-                    f"{source}: {name} has shape {tuple(tensor.shape)} but the model's is {tuple(param.shape)} "
-                    "(another lora_rank?)"
-                )
-            param.copy_(tensor.to(param.dtype))
-    return len(params)
+    return apply(peft_model, weights, source, ExportError, "export with the training run's configuration")
 
 
 def _build_lora(cfg: PipelineConfig, ckpt: CheckpointWeights, base_path: str, dtype: torch.dtype):

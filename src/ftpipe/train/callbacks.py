@@ -84,9 +84,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-def step_flops(total_params: int, trainable_params: int, tokens: int) -> float:
-    """Model FLOPs of a step: ``(4 * N_total + 2 * N_trainable) * tokens`` (see the module doc)."""
-    return float(4 * total_params + 2 * trainable_params) * tokens
+def step_flops(total_params: int, trainable_params: int, tokens: int, reference_passes: int = 0) -> float:
+    """Model FLOPs of a step: ``(4 * N_total + 2 * N_trainable) * tokens`` (see the module doc), plus
+    ``2 * N_total * tokens`` per forward of a reference model (preference objectives)."""
+    return float((4 + 2 * reference_passes) * total_params + 2 * trainable_params) * tokens
 
 
 def keep_history(path: Path, step: int) -> None:
@@ -201,7 +202,9 @@ class StepMetrics(Callback):
         step_time, self._busy = self._busy, 0.0
         device = trainer.strategy.root_device
         mem = all_reduce(torch.tensor([peak_memory_bytes(device)], dtype=torch.float64, device=device), "max")
-        flops = step_flops(pl_module.total_params, pl_module.trainable_params, stats.tokens)
+        objective = getattr(pl_module, "objective", None)
+        passes = objective.reference_passes if objective is not None else 0
+        flops = step_flops(pl_module.total_params, pl_module.trainable_params, stats.tokens, passes)
         record: dict[str, Any] = {
             "step": stats.step,
             "loss": stats.loss,
@@ -220,6 +223,7 @@ class StepMetrics(Callback):
             ),
             "peak_mem_gib": float(mem) / GIB,
             "step_time_s": step_time,
+            **stats.metrics,
         }
         self._steps.append(record)
         self._write(trainer, record)
@@ -232,7 +236,8 @@ class StepMetrics(Callback):
         val_loss = getattr(pl_module, "last_val_loss", None)
         if trainer.sanity_checking or val_loss is None:
             return
-        self._write(trainer, {"step": trainer.global_step, "val_loss": val_loss})
+        extra = getattr(pl_module, "last_val_metrics", None) or {}
+        self._write(trainer, {"step": trainer.global_step, "val_loss": val_loss, **extra})
 
     # -------------------------------------------------------------- end
 

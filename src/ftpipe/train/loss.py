@@ -84,6 +84,50 @@ def _chunk_loss(
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
+def _chunk_token_logps(
+    head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    return -F.cross_entropy(head(h).float(), y, reduction="none")
+
+
+def sequence_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: the sum of the next-token log-probabilities (fp32) of the positions whose label is not -100."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    keep = shift_labels != IGNORE_INDEX
+    token_logps = (
+        torch.log_softmax(shift_logits, dim=-1)
+        .gather(-1, shift_labels.clamp_min(0).unsqueeze(-1))
+        .squeeze(-1)
+    )
+    return (token_logps * keep).sum(dim=1)
+
+
+def chunked_sequence_logps(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """``sequence_logps_from_logits(head(hidden), labels)`` computed ``chunk_size`` labelled positions at
+    a time (as :func:`chunked_token_loss_sum`): one fp32 value per row."""
+    targets = labels[:, 1:].to(hidden.device)
+    keep = targets != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]
+    states = hidden[:, :-1][keep]
+    targets = targets[keep]
+    total = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    total = total + states.sum().float() * 0.0  # keeps the graph connected when no position has a label
+    for start in range(0, targets.numel(), chunk_size):
+        h, y = states[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled():
+            part = checkpoint(_chunk_token_logps, head, h, y, use_reentrant=False)
+        else:
+            part = _chunk_token_logps(head, h, y)
+        total = total.index_add(0, rows[start : start + chunk_size], part)
+    return total
+
+
 class ChunkedLossHead:
     """The output-embedding module of ``model`` made to return the chunked loss while targets are set.
 
@@ -100,6 +144,7 @@ class ChunkedLossHead:
         self.chunk_size = chunk_size
         self._forward = head.forward  # the module's own (bound) forward
         self._labels: torch.Tensor | None = None
+        self._per_sequence = False
         head.forward = self._patched_forward
 
     def remove(self) -> None:
@@ -108,15 +153,21 @@ class ChunkedLossHead:
             del self.module.forward
 
     @contextmanager
-    def targets(self, labels: torch.Tensor, chunk_size: int | None = None) -> Iterator[None]:
-        """Within this block the next call of the module returns the loss sum for ``labels``."""
+    def targets(
+        self, labels: torch.Tensor, chunk_size: int | None = None, *, per_sequence: bool = False
+    ) -> Iterator[None]:
+        """Within this block the next call of the module returns the loss sum for ``labels`` as a
+        ``(1, 1, 1)`` tensor, or with ``per_sequence`` each row's summed label log-probability as a
+        ``(rows, 1, 1)`` tensor."""
         saved = self.chunk_size
         self._labels = labels
+        self._per_sequence = per_sequence
         self.chunk_size = chunk_size or saved
         try:
             yield
         finally:
             self._labels = None
+            self._per_sequence = False
             self.chunk_size = saved
 
     def _patched_forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -128,6 +179,9 @@ class ChunkedLossHead:
                 f"the output layer got hidden states of shape {tuple(hidden.shape)} for labels of shape "
                 f"{tuple(labels.shape)}: the model sliced its positions (logits_to_keep?); set loss_chunk_size: 0"
             )
+        if self._per_sequence:
+            logps = chunked_sequence_logps(self._forward, hidden, labels, self.chunk_size)
+            return logps.reshape(-1, 1, 1)
         loss = chunked_token_loss_sum(self._forward, hidden, labels, self.chunk_size)
         return loss.reshape(1, 1, 1)
 
@@ -154,9 +208,11 @@ def check_model_numerics(
     packing: bool,
     device: torch.device,
     length: int = 24,
+    per_sequence: bool = False,
 ) -> NumericsReport:
     """Check the chunked loss against the model's own logits, and (``packing``) packed-sequence isolation.
 
+    With ``per_sequence`` the per-row log-probabilities (preference objectives) are checked as well.
     Runs a few forwards of a ``length``-token random sequence in eval mode (no dropout); every rank
     runs the same ones, so under FSDP the collectives match. Raises PackingIsolationError when a
     packed sequence's logits depend on the sequence before it. Returns what was measured; the caller
@@ -178,6 +234,16 @@ def check_model_numerics(
             with head.targets(labels, chunk_size=5):  # several chunks, a short last one
                 chunked = model(input_ids=ids, use_cache=False).logits.reshape(()).float()
             loss_diff = float((chunked - reference).abs() / reference.abs().clamp_min(1e-6))
+            if per_sequence:  # the per-row log-probabilities of preference objectives, two rows
+                rows_ids, rows_labels = ids.repeat(2, 1), labels.repeat(2, 1)
+                rows_labels[1, : 2 * length // 3] = IGNORE_INDEX
+                full_rows = sequence_logps_from_logits(
+                    model(input_ids=rows_ids, use_cache=False).logits, rows_labels
+                )
+                with head.targets(rows_labels, chunk_size=5, per_sequence=True):
+                    chunked_rows = model(input_ids=rows_ids, use_cache=False).logits.reshape(-1).float()
+                row_diff = float(((chunked_rows - full_rows).abs() / full_rows.abs().clamp_min(1e-6)).max())
+                loss_diff = max(loss_diff, row_diff)
             ok = loss_diff <= tol
         pack_diff = cross_diff = None
         if packing:

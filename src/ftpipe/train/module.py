@@ -1,12 +1,15 @@
-"""The LightningModule of supervised fine-tuning: token-mean loss per optimizer step, AdamW, clipping.
+"""The one LightningModule of every objective: the model, its forwards, the step, AdamW, checkpoints.
 
-Loss normalisation. Each micro-batch returns the SUM of its token losses (the model's own loss with
-``num_items_in_batch=1``, i.e. reduction "sum"); the step's accounting (one all-reduce of the
-label-token count N, the gradients rescaled to those of the token-mean loss, the logged
-``train_loss`` = all-reduced sum / N, the gradient norm, the skip decision and the step boundary) is
-``ftpipe.train.step.OptimizerStep``'s. The module calls it from ``training_step``,
-``on_before_optimizer_step`` (which Lightning calls after the closure and before
-``configure_gradient_clipping``) and ``configure_gradient_clipping``.
+What differs between objectives (records, batches, the loss) is the objective's
+(``ftpipe.objectives``); this module keeps what does not differ. A training step reads in two places:
+
+* ``training_step``: ``parts = objective.loss(self, batch)`` (the objective calls this module's
+  forwards: ``token_loss_sum``, ``sequence_logps``, ``reference_logps``), then
+  ``steps.add(counts)`` and the backward of the micro-batch's loss SUM;
+* ``on_before_optimizer_step`` (after the last micro-batch's backward, before the update):
+  ``steps.complete(...)``: the all-reduced units, the gradients rescaled to the unit mean, the global
+  gradient norm and clipping, the skip decision (``ftpipe.train.step.OptimizerStep``). Lightning's own
+  clipping hook does nothing.
 
 Checkpoints of LoRA runs hold only the trainable weights (and their optimizer state), not the frozen
 base model. The module's ``state_dict`` leaves out frozen parameters when called as the root module:
@@ -20,11 +23,15 @@ finetuning mode) under ``ftpipe``.
 
 The loss itself is computed by ``ftpipe.train.loss.ChunkedLossHead`` inside the model's forward, over
 labelled positions only and ``loss_chunk_size`` of them at a time (no full-vocabulary logits of the
-batch); ``loss_chunk_size: 0``, or a model whose logits fail the check at the first forward, uses the
-model's own loss over full logits. Packed batches (``position_ids``, no attention mask) are passed
+batch): the token-loss sum for SFT, per-row log-probability sums for preference objectives;
+``loss_chunk_size: 0``, or a model whose logits fail the check at the first forward, uses the
+model's own logits. Reference log-probabilities come from the batch (``reference: cached``, computed
+once before training by ``ftpipe.train.reference``), the policy with its LoRA adapter disabled, or a
+frozen copy built and sharded like the policy (kept out of the module tree: no optimizer state, no
+checkpoint entries). Packed batches (``position_ids``, no attention mask) are passed
 through as they are; the same first-forward check makes sure packed samples do not see each other.
 
-Non-finite steps. ``configure_gradient_clipping`` (the last hook before the optimizer update, after
+Non-finite steps. ``OptimizerStep.complete`` (the last thing before the optimizer update, after
 the closure and the gradient rescaling) checks the step's loss and its global gradient norm. Both
 are the same on every rank (the loss is all-reduced, the norm is global; a NaN on one rank makes both
 NaN everywhere), so every rank takes the same decision without another collective. A step with a
@@ -52,8 +59,14 @@ from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.errors import DataError
 from ftpipe.data.tokenize import IGNORE_INDEX
 from ftpipe.model.recompute import recompute_saved
+from ftpipe.objectives import LossParts, Objective, get_objective
 from ftpipe.train.faults import NO_FAULTS, Faults
-from ftpipe.train.loss import ChunkedLossHead, check_model_numerics, shifted_token_loss_sum
+from ftpipe.train.loss import (
+    ChunkedLossHead,
+    check_model_numerics,
+    sequence_logps_from_logits,
+    shifted_token_loss_sum,
+)
 from ftpipe.train.optim import (
     build_optimizer,
     build_scheduler,
@@ -61,7 +74,7 @@ from ftpipe.train.optim import (
     no_decay_names,
     param_groups,
 )
-from ftpipe.train.step import OptimizerStep, total_grad_norm_and_clip
+from ftpipe.train.step import COUNTS, OptimizerStep, micro_batch_counts
 from ftpipe.utils.logging import get_logger
 from ftpipe.utils.world import all_reduce
 
@@ -84,19 +97,27 @@ class _ExpectedMissingFilter(logging.Filter):
         return match is None or clean_param_name(match.group(1)) in self.trainable
 
 
-class SFTModule(pl.LightningModule):
-    """Causal-LM supervised fine-tuning of the model that ``ftpipe.distributed.build.create_model`` builds.
+class FineTuneModule(pl.LightningModule):
+    """Fine-tuning of the model that ``ftpipe.distributed.build.create_model`` builds, for any objective.
 
     Args:
         cfg: the pipeline configuration (model, LoRA, training and distribution sections are used).
         faults: the faults to inject (tests of the failure handling; none by default).
         steps: the optimizer-step accounting, shared with the callbacks that act on step boundaries
             (a new one when not given).
+        objective: what is optimised (``cfg``'s objective when not given).
     """
 
-    def __init__(self, cfg: PipelineConfig, faults: Faults = NO_FAULTS, steps: OptimizerStep | None = None):
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        faults: Faults = NO_FAULTS,
+        steps: OptimizerStep | None = None,
+        objective: Objective | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
+        self.objective = objective if objective is not None else get_objective(cfg)
         self.model: torch.nn.Module | None = None
         self.lora = cfg.model.finetuning == "lora"
         # LoRA checkpoints hold only the adapters: loading them leaves the base weights as loaded.
@@ -105,13 +126,20 @@ class SFTModule(pl.LightningModule):
         self.trainable_params = 0
         self._no_decay: set[str] = set()
         self._trainable_names: set[str] = set()
-        self.steps = steps if steps is not None else OptimizerStep(cfg.train.max_nonfinite_steps)
-        # loss sum, label tokens, real tokens, padded positions of the validation (this rank)
-        self._val_acc = torch.zeros(4, dtype=torch.float64)
+        self.steps = (
+            steps
+            if steps is not None
+            else OptimizerStep(cfg.train.max_nonfinite_steps, self.objective.metric_names)
+        )
+        # COUNTS and metric sums of the validation (this rank)
+        self._val_acc = torch.zeros(len(COUNTS) + len(self.objective.metric_names), dtype=torch.float64)
+        self._reference_head: ChunkedLossHead | None = None
         self._model_sums_loss: bool | None = None  # does the model honour num_items_in_batch?
         self._loss_head: ChunkedLossHead | None = None
         self._numerics_checked = False
         self.last_val_loss: float | None = None
+        #: the objective's validation metrics (``val_<name>``) of the last validation
+        self.last_val_metrics: dict[str, float] = {}
         self.faults = faults
         if faults.nan_steps:
             log.warning("fault injection: NaN loss on rank 0 at step(s) %s", sorted(faults.nan_steps))
@@ -140,10 +168,41 @@ class SFTModule(pl.LightningModule):
         if self.cfg.train.loss_chunk_size > 0:
             self._loss_head = ChunkedLossHead(model, self.cfg.train.loss_chunk_size)
         self.model = model
+        if self.objective.reference == "copy":
+            self._build_reference_copy()
+
+    def _build_reference_copy(self) -> None:
+        """A frozen copy of the starting model, built and sharded like the policy, outside the module tree
+        (no optimizer state, no checkpoint entries, not wrapped again by the strategy)."""
+        from ftpipe.distributed.build import create_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed)
+            reference = create_model(
+                self.cfg, device_mesh=self.device_mesh, strategy_kind=self.cfg.dist.strategy
+            )
+        reference.requires_grad_(False)
+        reference.eval()
+        if self.cfg.dist.strategy in ("single", "ddp"):
+            reference.to(self.device)
+        if self.cfg.train.loss_chunk_size > 0:
+            self._reference_head = ChunkedLossHead(reference, self.cfg.train.loss_chunk_size)
+        object.__setattr__(self, "_reference_model", reference)
+        log.info("reference: a frozen copy of the starting model (%s)", self.cfg.dist.strategy)
+
+    def on_fit_start(self) -> None:
+        """``reference: cached``: the reference log-probabilities of every pair, before the first update."""
+        if self.objective.reference == "cached" and self._trainer is not None:
+            from ftpipe.train.reference import attach_cached_reference
+
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or getattr(datamodule, "prepared", None) is None:
+                raise RuntimeError("reference: cached needs the training data module (ftpipe train)")
+            attach_cached_reference(self, datamodule)
 
     def _require_model(self) -> torch.nn.Module:
         if self.model is None:
-            raise RuntimeError("SFTModule.model is not built: the Trainer calls configure_model() first")
+            raise RuntimeError("FineTuneModule.model is not built: the Trainer calls configure_model() first")
         return self.model
 
     # ------------------------------------------------------------------ loss
@@ -156,7 +215,11 @@ class SFTModule(pl.LightningModule):
         if self._loss_head is None and not packing:
             return
         report = check_model_numerics(
-            self._require_model(), self._loss_head, packing=packing, device=self.device
+            self._require_model(),
+            self._loss_head,
+            packing=packing,
+            device=self.device,
+            per_sequence=self.objective.sequences_per_sample > 1,
         )
         if report.chunked_loss_ok is False:
             log.warning(
@@ -167,6 +230,9 @@ class SFTModule(pl.LightningModule):
             )
             self._loss_head.remove()
             self._loss_head = None
+            if self._reference_head is not None:
+                self._reference_head.remove()
+                self._reference_head = None
         if self.global_rank == 0:
             log.info(
                 "loss: %s; packing: %s",
@@ -177,7 +243,54 @@ class SFTModule(pl.LightningModule):
                 f"{report.packing_cross_rel_diff:.2g} without isolation)",
             )
 
-    def _token_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch.get("attention_mask"),
+            "position_ids": batch.get("position_ids"),
+            "use_cache": False,
+        }
+
+    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per row: the summed log-probability of its labelled tokens under the policy (fp32, with
+        gradients), chunked over the labelled positions or from the model's logits."""
+        model = self._require_model()
+        if not self._numerics_checked:
+            self._check_numerics()
+        return self._logps(model, self._loss_head, batch)
+
+    def _logps(
+        self, model: torch.nn.Module, head: ChunkedLossHead | None, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        saved = recompute_saved() if self.cfg.dist.recompute_elementwise else nullcontext()
+        if head is not None:
+            with saved, head.targets(batch["labels"], per_sequence=True):
+                return model(**self._inputs(batch)).logits.reshape(-1)
+        with saved:
+            logits = model(**self._inputs(batch)).logits
+        return sequence_logps_from_logits(logits, batch["labels"])
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per row: the summed label log-probability under the reference (no gradients): the batch's
+        cached values, a frozen copy, or the policy with its LoRA adapter disabled."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        kind = self.objective.reference
+        model = self._require_model()
+        if not self._numerics_checked:
+            self._check_numerics()
+        if kind == "copy":
+            return self._logps(self.__dict__["_reference_model"], self._reference_head, batch)
+        if kind == "adapter":
+            with model.disable_adapter():
+                return self._logps(model, self._loss_head, batch)
+        raise RuntimeError(
+            f"reference {kind!r}: the batch carries no cached reference log-probabilities (ref_logps)"
+        )
+
+    def token_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of the token losses of one micro-batch (no KV cache): chunked over the labelled positions,
         or the model's own loss."""
         model = self._require_model()
@@ -217,36 +330,53 @@ class SFTModule(pl.LightningModule):
             return out.loss
         return shifted_token_loss_sum(out.logits, batch["labels"])
 
-    def _counts(self, batch: dict[str, torch.Tensor], loss_sum: torch.Tensor) -> torch.Tensor:
-        """``[loss sum, label tokens, real tokens, padded positions]`` of a micro-batch (float64, on device)."""
-        labels = batch["labels"]
+    def _counts(self, batch: dict[str, torch.Tensor], parts: LossParts) -> torch.Tensor:
+        """The micro-batch's ``COUNTS`` and metric sums (float64, on device; see ``micro_batch_counts``)."""
+        loss_sum = parts.loss_sum
         label_tokens = batch.get("num_label_tokens")
         if label_tokens is None:
-            label_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
+            label_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         tokens = batch.get("num_tokens")
         if tokens is None:
             tokens = batch["attention_mask"].sum()
         padded = torch.tensor(batch["input_ids"].numel(), device=loss_sum.device)
-        parts = [loss_sum.detach(), label_tokens, tokens, padded]
-        return torch.stack([torch.as_tensor(x, device=loss_sum.device).to(torch.float64) for x in parts])
+        metrics = [parts.metrics[name] for name in self.objective.metric_names]
+        return micro_batch_counts(loss_sum, parts.units, tokens, padded, label_tokens, metrics)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum = self._token_loss_sum(batch)
+        parts = self.objective.loss(self, batch)
         if self.global_rank == 0 and self.faults.poisons(self.trainer.global_step + 1):
-            loss_sum = loss_sum * float("nan")
-        self.steps.add(self._counts(batch, loss_sum))
-        return loss_sum
+            parts.loss_sum = parts.loss_sum * float("nan")
+        self.steps.add(self._counts(batch, parts))
+        return parts.loss_sum
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Turn the accumulated gradient of summed losses into the gradient of the step's token mean."""
+        """The step's end (``OptimizerStep.complete``): gradients of summed losses -> of the unit mean,
+        global norm and clipping, the skip of a non-finite step (see the module doc)."""
         trainer = self.trainer
-        self.steps.rescale(
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        stats = self.steps.complete(
             optimizer,
             step=trainer.global_step + 1,
             accumulate=trainer.accumulate_grad_batches,
             world_size=trainer.world_size,
             device=self.device,
+            root=trainer.strategy.model,
+            max_norm=self.cfg.train.gradient_clip_val,
+            check_norm=scaler is None,  # the gradient scaler skips overflowing 16-mixed steps itself
         )
+        # the same values on every rank: every rank skips (or raises) at the same step
+        if stats.skipped and self.global_rank == 0:
+            log.warning(
+                "step %d: non-finite loss (%s) or gradient norm (%s): optimizer update skipped "
+                "(%d in a row, %d in total; max_nonfinite_steps %d in a row stops training)",
+                stats.step,
+                stats.loss,
+                stats.grad_norm,
+                len(self.steps.nonfinite.in_a_row),
+                self.steps.nonfinite.total,
+                self.steps.nonfinite.max_in_a_row,
+            )
 
     def configure_gradient_clipping(
         self,
@@ -254,31 +384,7 @@ class SFTModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip by the global norm over all shards (FSDP1, FSDP2, DDP alike); remember the norm; skip a
-        step whose loss or norm is not finite (see the module doc)."""
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"gradient_clip_algorithm {gradient_clip_algorithm!r}: only 'norm' is supported")
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        root = self.trainer.strategy.model if self._trainer is not None else None
-        norm = float(total_grad_norm_and_clip(root, params, gradient_clip_val))
-        stats = self.steps.last
-        if stats is None:
-            return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
-        # the same values on every rank: every rank skips (or raises) at the same step
-        if self.steps.check(norm, check_norm=scaler is None):
-            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
-            if self.global_rank == 0:
-                log.warning(
-                    "step %d: non-finite loss (%s) or gradient norm (%s): optimizer update skipped "
-                    "(%d in a row, %d in total; max_nonfinite_steps %d in a row stops training)",
-                    stats.step,
-                    stats.loss,
-                    norm,
-                    len(self.steps.nonfinite.in_a_row),
-                    self.steps.nonfinite.total,
-                    self.steps.nonfinite.max_in_a_row,
-                )
+        """Nothing: clipping is part of the step's end (``on_before_optimizer_step``)."""
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         stats = self.steps.just_completed()
@@ -289,28 +395,46 @@ class SFTModule(pl.LightningModule):
             metrics["grad_norm"] = stats.grad_norm
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
         self.log("nonfinite_steps", float(stats.nonfinite_steps), on_step=True, on_epoch=False, batch_size=1)
+        if stats.metrics:
+            self.log_dict(stats.metrics, on_step=True, on_epoch=False, batch_size=1)
 
     # ------------------------------------------------------------------ validation
 
     def on_validation_epoch_start(self) -> None:
-        self._val_acc = torch.zeros(4, dtype=torch.float64, device=self.device)
+        self._val_acc = torch.zeros(
+            len(COUNTS) + len(self.objective.metric_names), dtype=torch.float64, device=self.device
+        )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum = self._token_loss_sum(batch)
-        self._val_acc = self._val_acc.to(loss_sum.device) + self._counts(batch, loss_sum)
+        parts = self.objective.loss(self, batch)
+        self._val_acc = self._val_acc.to(parts.loss_sum.device) + self._counts(batch, parts)
 
     def on_validation_epoch_end(self) -> None:
         totals = all_reduce(self._val_acc.to(self.device)).cpu()
-        loss_sum, n_label = float(totals[0]), float(totals[1])
-        if n_label == 0:
+        loss_sum, units = float(totals[0]), float(totals[1])
+        if units == 0:
             raise DataError(
-                "validation saw no label tokens (every validation sample has an empty or cut answer): "
-                "check val_ratio, limit_val_batches and max_seq_length"
+                f"validation saw no {self.objective.unit}s of the loss (every validation sample has an empty "
+                "or cut answer): check val_ratio, limit_val_batches and max_seq_length"
             )
-        val_loss = torch.tensor(loss_sum / n_label, dtype=torch.float32)
+        val_loss = torch.tensor(loss_sum / units, dtype=torch.float32)
         self.last_val_loss = float(val_loss)  # the value the checkpoint and early-stopping callbacks compare
-        # The value is already the same on every rank: no further sync.
+        # The values are already the same on every rank: no further sync.
         self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)
+        sums = totals[len(COUNTS) :]
+        self.last_val_metrics = {
+            f"val_{name}": float(value) / units
+            for name, value in zip(self.objective.metric_names, sums, strict=True)
+        }
+        if "val_rewards/accuracies" in self.last_val_metrics:
+            self.last_val_metrics["val_reward_accuracy"] = self.last_val_metrics["val_rewards/accuracies"]
+        for name, value in self.last_val_metrics.items():
+            self.log(
+                name,
+                torch.tensor(value, dtype=torch.float32),
+                prog_bar=name == "val_reward_accuracy",
+                sync_dist=False,
+            )
 
     # ------------------------------------------------------------------ optimisation
 
@@ -338,6 +462,7 @@ class SFTModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_META_KEY] = {
             "config": self.cfg.to_flat(),
+            "objective": self.objective.name,
             "finetuning": self.cfg.model.finetuning,
             "trainable_only": self.lora,
             "state_dict_prefix": "model.",
@@ -376,3 +501,7 @@ class SFTModule(pl.LightningModule):
             logging.getLogger("torch.distributed.fsdp._state_dict_utils").addFilter(
                 _ExpectedMissingFilter(self._trainable_names)
             )
+
+
+#: The module's name before objectives existed (SFT is the default objective).
+SFTModule = FineTuneModule

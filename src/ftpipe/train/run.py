@@ -127,6 +127,7 @@ def train(cfg: PipelineConfig) -> TrainResult:
     check_4bit_support(cfg)
     if cfg.train.checkpoint_dir:
         check_output_folder("checkpoint_dir", Path(cfg.train.checkpoint_dir))
+    check_init_adapter(cfg)
     resume_from = resolve_resume(cfg)
     if resume_from:
         check_resume_compatible(cfg, resume_from)  # before a byte of data, config.yaml or logs is written
@@ -138,6 +139,18 @@ def train(cfg: PipelineConfig) -> TrainResult:
     finally:
         for lock in locks:
             release(lock)
+
+
+def check_init_adapter(cfg: PipelineConfig) -> None:
+    """``init_adapter`` names an existing checkpoint or adapter folder (checked before anything is written)."""
+    from ftpipe.model.checkpoint import CheckpointError
+
+    path = cfg.objective.init_adapter
+    if path and not Path(path).expanduser().exists():
+        raise CheckpointError(
+            f"init_adapter: {path} does not exist (give an SFT run's checkpoint file or folder, or an adapter "
+            "folder exported with merge: false)"
+        )
 
 
 def _lock_run_folders(cfg: PipelineConfig, root: Path) -> list[Path]:
@@ -190,7 +203,8 @@ def _train_locked(
 ) -> TrainResult:
     """Training proper, once the checks passed and rank 0 holds the run's folders."""
     from ftpipe.data.datamodule import SFTDataModule
-    from ftpipe.train.module import SFTModule
+    from ftpipe.objectives import get_objective
+    from ftpipe.train.module import FineTuneModule
     from ftpipe.train.trainer import build_trainer
 
     if global_rank() == 0:
@@ -202,10 +216,14 @@ def _train_locked(
             malloc_settings(),
         )
 
-    datamodule = SFTDataModule(cfg, tokenizer)
+    objective = get_objective(cfg)
+    if global_rank() == 0:
+        log.info("%s", objective.describe())
+    datamodule = SFTDataModule(cfg, tokenizer, objective)
     faults = Faults.from_config(cfg.debug)
-    steps = OptimizerStep(cfg.train.max_nonfinite_steps)  # the module and the step callbacks share it
-    module = SFTModule(cfg, faults, steps)
+    # the module and the step callbacks share the step's accounting
+    steps = OptimizerStep(cfg.train.max_nonfinite_steps, objective.metric_names)
+    module = FineTuneModule(cfg, faults, steps, objective)
     parts = build_trainer(cfg, resume_from, faults=faults, steps=steps, data=_data_identity(prepared))
     trainer = parts.trainer
     try:

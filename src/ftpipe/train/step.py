@@ -1,21 +1,26 @@
-"""One optimizer step's accounting, owned by one object (:class:`OptimizerStep`).
+"""One optimizer step, read in one place: :meth:`OptimizerStep.add` per micro-batch and
+:meth:`OptimizerStep.complete` before the update.
 
-The loss of an optimizer step is the mean over *all* label tokens of the step, across its
-micro-batches and all ranks, so ``micro 4 x accumulation 1``, ``micro 1 x accumulation 4`` and
-``2 ranks x micro 2`` give the same loss and the same gradients. Each micro-batch's backward runs on
-the SUM of its token losses; Lightning divides it by ``accumulate_grad_batches`` (A) and DDP/FSDP
-average the gradients over the W data-parallel ranks. Before the optimizer steps,
-:meth:`OptimizerStep.rescale` all-reduces the step's counts (one collective) and multiplies the
-gradients by ``A * W / N`` (N label tokens): the gradient of the token-mean loss. A shorter
-accumulation window at the end of an epoch is handled too (N counts what was seen, A is what
-Lightning divided by).
+The loss of an optimizer step is the mean over *all* units of the step (label tokens for SFT, pairs
+for DPO: the objective says, ``ftpipe.objectives``), across its micro-batches and all ranks, so
+``micro 4 x accumulation 1``, ``micro 1 x accumulation 4`` and ``2 ranks x micro 2`` give the same
+loss and the same gradients. Each micro-batch's backward runs on the SUM of its unit losses; Lightning
+divides it by ``accumulate_grad_batches`` (A) and DDP/FSDP average the gradients over the W
+data-parallel ranks. :meth:`OptimizerStep.complete` then
 
-Then :meth:`OptimizerStep.check` takes the global gradient norm and decides whether the update is
-skipped: the loss and the norm are the same on every rank, so every rank decides alike without
-another collective (see ``NonFiniteGuard``). :meth:`OptimizerStep.just_completed` is the one step
-boundary: the step's statistics at the micro-batch that completed it, None inside an accumulation
-window. The module, the metrics, the stop-on-signal and the heartbeat callbacks all act on it; the
-module creates the object and the callbacks receive it explicitly.
+1. all-reduces the step's counts (one collective: loss sum, units, tokens, padding, label tokens and
+   the objective's metric sums) and multiplies the gradients by ``A * W / N`` (N units): the gradient
+   of the unit-mean loss. A shorter accumulation window at the end of an epoch is handled too (N counts
+   what was seen, A is what Lightning divided by);
+2. takes the global gradient norm over all shards and clips it to ``gradient_clip_val``;
+3. decides whether the update is skipped: the loss and the norm are the same on every rank, so every
+   rank decides alike without another collective (see ``NonFiniteGuard``); a skipped step's gradients
+   are set to None, so AdamW changes neither the weights nor its moments.
+
+:meth:`OptimizerStep.just_completed` is the one step boundary: the step's statistics at the
+micro-batch that completed it, None inside an accumulation window. The module, the metrics, the
+stop-on-signal and the heartbeat callbacks all act on it; the module creates the object and the
+callbacks receive it explicitly.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class StepStats:
 
     Attributes:
         step: optimizer step number (1-based).
-        loss: token-mean training loss.
+        loss: unit-mean training loss (per label token for SFT, per pair for DPO).
         label_tokens: tokens that count in the loss (labels != -100).
         tokens: real (non-padding) input tokens.
         padded_tokens: input positions including padding.
@@ -59,6 +64,12 @@ class StepStats:
     lr: float | None = None
     skipped: bool = False
     nonfinite_steps: int = 0
+    units: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+#: Entries of a micro-batch's counts before the objective's metric sums.
+COUNTS = ("loss_sum", "units", "tokens", "padded", "label_tokens")
 
 
 def total_grad_norm_and_clip(
@@ -137,24 +148,26 @@ class NonFiniteGuard:
 
 
 class OptimizerStep:
-    """The accounting of one optimizer step: label-token counts, the gradient rescale, the gradient
-    norm, the skip decision and the boundary.
+    """The accounting of one optimizer step: unit counts, the gradient rescale, the gradient norm and
+    clipping, the skip decision and the boundary.
 
     Args:
         max_nonfinite_steps: non-finite steps in a row that stop training (``NonFiniteGuard``).
+        metric_names: the objective's metrics (per-unit sums at the end of each micro-batch's counts).
     """
 
-    def __init__(self, max_nonfinite_steps: int) -> None:
+    def __init__(self, max_nonfinite_steps: int, metric_names: tuple[str, ...] = ()) -> None:
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.metric_names = tuple(metric_names)
         #: The statistics of the last completed optimizer step (None before the first).
         self.last: StepStats | None = None
-        # loss sum, label tokens, real tokens, padded positions of the current step (this rank)
-        self._counts = torch.zeros(4, dtype=torch.float64)
+        # COUNTS then the metric sums of the current step (this rank)
+        self._counts = torch.zeros(len(COUNTS) + len(self.metric_names), dtype=torch.float64)
         self._micro_batches = 0
         self._completed_at = -1
 
     def add(self, counts: torch.Tensor) -> None:
-        """Count one micro-batch: ``[loss sum, label tokens, real tokens, padded positions]`` (float64)."""
+        """Count one micro-batch: ``COUNTS`` then the metric sums (float64; see :func:`micro_batch_counts`)."""
         self._counts = self._counts.to(counts.device) + counts
         self._micro_batches += 1
 
@@ -174,9 +187,10 @@ class OptimizerStep:
         """All-reduce the step's counts, turn the accumulated gradient of summed losses into the gradient
         of the token mean, and start the step's statistics (``step`` is 1-based)."""
         totals = all_reduce(self._counts.to(device))
-        loss_sum, n_label, tokens, padded = (float(x) for x in totals.cpu())
+        values = [float(x) for x in totals.cpu()]
+        loss_sum, n_units, tokens, padded, n_label = values[: len(COUNTS)]
         self._counts = torch.zeros_like(self._counts)
-        scale = accumulate * world_size / max(n_label, 1.0)
+        scale = accumulate * world_size / max(n_units, 1.0)
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -184,11 +198,16 @@ class OptimizerStep:
                         p.grad.mul_(scale)
         self.last = StepStats(
             step=step,
-            loss=loss_sum / n_label if n_label else float("nan"),
+            loss=loss_sum / n_units if n_units else float("nan"),
             label_tokens=int(n_label),
             tokens=int(tokens),
             padded_tokens=int(padded),
             lr=float(optimizer.param_groups[0]["lr"]),
+            units=int(n_units),
+            metrics={
+                name: value / n_units if n_units else float("nan")
+                for name, value in zip(self.metric_names, values[len(COUNTS) :], strict=True)
+            },
         )
         self._completed_at = self._micro_batches
         return self.last
@@ -200,12 +219,52 @@ class OptimizerStep:
         if stats is None:
             return False
         stats.grad_norm = grad_norm
-        loss = stats.loss if stats.label_tokens else 0.0  # a step without label tokens has no loss to check
+        loss = (
+            stats.loss if stats.units else 0.0
+        )  # a step without units (label tokens, pairs) has no loss to check
         stats.skipped = self.nonfinite.check(stats.step, loss, grad_norm if check_norm else None)
         stats.nonfinite_steps = self.nonfinite.total
         return stats.skipped
+
+    def complete(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        step: int,
+        accumulate: int,
+        world_size: int,
+        device: torch.device,
+        root: torch.nn.Module | None,
+        max_norm: float | None,
+        check_norm: bool = True,
+    ) -> StepStats:
+        """The step's end before the update: rescale the gradients to the unit mean, take (and clip to
+        ``max_norm``) the global gradient norm over ``root``'s shards, and skip the update (gradients to
+        None) when the loss or, with ``check_norm``, the norm is not finite. Raises NonFiniteError after
+        ``max_nonfinite_steps`` such steps in a row; the same decision on every rank."""
+        stats = self.rescale(
+            optimizer, step=step, accumulate=accumulate, world_size=world_size, device=device
+        )
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = float(total_grad_norm_and_clip(root, params, max_norm))
+        if self.check(norm, check_norm=check_norm):
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+        return stats
 
     def just_completed(self) -> StepStats | None:
         """The statistics of the optimizer step that the current micro-batch completed; None inside an
         accumulation window (and at its other micro-batches)."""
         return self.last if self.last is not None and self._completed_at == self._micro_batches else None
+
+
+def micro_batch_counts(
+    loss_sum: torch.Tensor,
+    units: torch.Tensor,
+    tokens: torch.Tensor,
+    padded: int,
+    label_tokens: torch.Tensor,
+    metrics: list[torch.Tensor],
+) -> torch.Tensor:
+    """One micro-batch's ``COUNTS`` and metric sums as the float64 vector :meth:`OptimizerStep.add` takes."""
+    parts = [loss_sum.detach(), units, tokens, padded, label_tokens, *metrics]
+    return torch.stack([torch.as_tensor(x, device=loss_sum.device).to(torch.float64) for x in parts])

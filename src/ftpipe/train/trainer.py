@@ -170,13 +170,16 @@ def build_callbacks(
     boundaries."""
     t = cfg.train
     fixed_dir = t.checkpoint_dir
+    monitor, mode = monitored_metric(cfg)
     checkpoint = BestAndLastCheckpoint(
         # RunFolders adds the run's version folder in setup, unless checkpoint_dir fixes the folder
         dirpath=str(Path(fixed_dir).expanduser()) if fixed_dir else str(checkpoints_dir(cfg)),
-        filename=CHECKPOINT_FILENAME,
+        filename=CHECKPOINT_FILENAME
+        if monitor == "val_loss"
+        else f"{CHECKPOINT_FILENAME}-{monitor}={{{monitor}:.4f}}",
         auto_insert_metric_name=False,
-        monitor="val_loss",
-        mode="min",
+        monitor=monitor,
+        mode=mode,
         save_top_k=1,
         save_last=True,
         save_on_train_epoch_end=False,
@@ -203,8 +206,8 @@ def build_callbacks(
     if t.early_stopping_patience > 0:
         callbacks.append(
             EarlyStopping(
-                monitor="val_loss",
-                mode="min",
+                monitor=monitor,
+                mode=mode,
                 patience=t.early_stopping_patience,
                 min_delta=t.early_stopping_min_delta,
                 check_finite=True,
@@ -224,6 +227,14 @@ def build_callbacks(
     if t.profile_dir is not None:
         callbacks.append(StepProfiler(t.profile_dir))
     return callbacks, checkpoint, metrics, folders
+
+
+def monitored_metric(cfg: PipelineConfig) -> tuple[str, str]:
+    """The validation metric that picks the best checkpoint and drives early stopping, and its mode."""
+    monitor = cfg.objective.monitor
+    if monitor == "val_reward_accuracy":
+        return monitor, "max"
+    return "val_loss", "min"
 
 
 def build_trainer(
@@ -264,8 +275,8 @@ def build_trainer(
         precision=precision,
         max_steps=t.max_steps,
         accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        gradient_clip_algorithm="norm",
+        # clipping is part of the step's end (FineTuneModule.on_before_optimizer_step, OptimizerStep.complete)
+        gradient_clip_val=None,
         val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches if t.limit_val_batches is not None else 1.0,
