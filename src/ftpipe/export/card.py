@@ -34,6 +34,10 @@ EVAL_ROWS = (
     ("exact_match", "exact match", "num"),
     ("loss", "test loss", "num"),
     ("perplexity", "test perplexity", "num"),
+    ("preference_accuracy", "preference accuracy (chosen ranked above rejected)", "pct"),
+    ("reward_accuracy", "reward accuracy (implicit reward against the base model)", "pct"),
+    ("closer_to_chosen", "generations closer to chosen than rejected (BERTScore)", "pct"),
+    ("bertscore_f1_chosen", "BERTScore F1 to the chosen answers", "num"),
 )
 
 
