@@ -61,7 +61,10 @@ def test_dpo_recipe_teaches_the_preferred_property(tmp_path, run_ftpipe):
     assert vals and vals[-1]["val_reward_accuracy"] >= 0.8
     assert "rewards/margins" in steps[0]
     card = (root / "export" / "merged" / "README.md").read_text()
-    assert "preference tuning (dpo, loss sigmoid" in card and "| preference accuracy (chosen ranked above rejected) |" in card
+    assert (
+        "preference tuning (dpo, loss sigmoid" in card
+        and "| preference accuracy (chosen ranked above rejected) |" in card
+    )
     assert (root / "eval" / "val_reward_accuracy.png").is_file()
 
 
