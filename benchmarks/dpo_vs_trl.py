@@ -31,7 +31,8 @@ newline after ``<|im_end|>``).
   through the chat template, answer ending in EOS) so both train on identical token ids.
 
 Per run, over the optimizer steps after the first (warm-up): real tokens/s (non-padding tokens of the chosen
-and the rejected sequences), seconds per step and the padding share; over the whole run: the peak resident
+and the rejected sequences, however many positions a side computes for them), seconds per step and the
+padding share; over the whole run: the peak resident
 memory of every training process (``VmHWM``, polled from /proc for both sides alike; each side's own figure
 is in the JSON), the wall time of the process (start-up, data, model, training, saving), the training time
 (the sum of the step times), the loss and the log-probabilities of every step, and the 1-minute load average
@@ -525,16 +526,21 @@ FTPIPE_KEYS = (
 
 
 def rates(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Real tokens/s, seconds per step and padding share over the steps after the first (all when only one)."""
+    """Real tokens/s, seconds per step and padding share over the steps after the first (all when only one).
+
+    Real tokens: both sequences of every pair (``tokens``); the padding share is of the positions computed
+    (``positions``: ftpipe computes a shared prompt once; TRL computes every token of both rows)."""
     measured = list(steps[1:] if len(steps) > 1 else steps)
     time_s = sum(s["step_time_s"] for s in measured)
     tokens = sum(s["tokens"] for s in measured)
+    positions = sum(s.get("positions", s["tokens"]) for s in measured)
     padded = sum(s["padded_tokens"] for s in measured)
     return {
         "measured_steps": len(measured),
         "tokens_per_s": tokens / time_s if time_s > 0 else None,
         "s_per_step": time_s / len(measured) if measured else None,
-        "padding_share": (padded - tokens) / padded if padded else None,
+        "padding_share": (padded - positions) / padded if padded else None,
+        "positions_per_pair_token": positions / tokens if tokens else None,
         "train_time_s": sum(s["step_time_s"] for s in steps),
         "real_tokens": tokens,
     }
@@ -613,8 +619,14 @@ def run_record(
     return record
 
 
-def run_ftpipe(settings: Settings, variant: Variant, workdir: Path, prepared: Path) -> dict[str, Any]:
-    """One ``ftpipe train`` run: its ``metrics.jsonl`` and ``train_summary.json`` as a run record."""
+def run_ftpipe(
+    settings: Settings, variant: Variant, workdir: Path, prepared: Path, sequence_tokens: Sequence[int]
+) -> dict[str, Any]:
+    """One ``ftpipe train`` run: its ``metrics.jsonl`` and ``train_summary.json`` as a run record.
+
+    ``sequence_tokens``: per step, the tokens of both sequences of its pairs (from ftpipe's encoding): the
+    step's real tokens, as TRL counts them. ftpipe's own ``tokens`` are the positions it computed (fewer
+    where a pair's prompt is computed once), kept as ``positions``."""
     results = workdir / "results"
     log = workdir / "train.log"
     code, wall, peaks, cpu = run_child(
@@ -630,6 +642,8 @@ def run_ftpipe(settings: Settings, variant: Variant, workdir: Path, prepared: Pa
     summary = json.loads(metrics.with_name("train_summary.json").read_text())
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = [{k: r.get(k) for k in FTPIPE_KEYS} for r in records if "val_loss" not in r and "loss" in r]
+    for step in steps:
+        step["positions"], step["tokens"] = step["tokens"], sequence_tokens[step["step"] - 1]
     text = log.read_text(errors="replace")
     chosen = re.search(r"activation checkpointing (on|off) \(auto\)", text)
     n = settings.ftpipe_processes
@@ -647,6 +661,7 @@ def run_ftpipe(settings: Settings, variant: Variant, workdir: Path, prepared: Pa
         reference="adapter disabled"
         if "reference: the policy with its adapter disabled" in text
         else "other",
+        prompt_once=all(s["positions"] < s["tokens"] for s in steps),
         total_params=summary["total_params"],
         trainable_params=summary["trainable_params"],
     )
@@ -917,6 +932,11 @@ DIFFERENCES = (
     "Initial adapter: both seed PEFT's LoRA initialisation with seed 42 right before creating it (ftpipe: "
     "torch.manual_seed before building the model; TRL: set_seed in DPOTrainer before get_peft_model), which gives "
     "the same LoRA A matrices (checked in development: identical tensors); B is 0 on both.",
+    "The prompt once: ftpipe batches a pair as one row (share_prompt auto), the prompt followed by both "
+    "answers behind a block attention mask, so it computes each prompt's positions once per pass where TRL "
+    "computes them in both rows; the answers' log-probabilities are the same up to float rounding (the loss "
+    "agreement below). Real tokens count both sequences on both sides; the padding column is of the positions "
+    "each side computed.",
     "Saving: ftpipe writes its last checkpoint after the final step (in its wall time, outside the step times); "
     "TRL saves nothing.",
     "Step time: ftpipe sums the time inside its training batches; TRL's runs from on_step_begin to on_step_end. "
@@ -1061,8 +1081,9 @@ def markdown(report: dict[str, Any], first_steps: int = 5) -> str:
         f"glibc's default malloc, conversational rows. matched: checkpointing {s['matched_checkpointing']} on both, "
         f"GLIBC_TUNABLES={report['matched_glibc_tunables']} for TRL (the ftpipe command sets them itself), TRL "
         "fed ftpipe's rendered text",
-        "- real tokens: ftpipe's metrics.jsonl (non-padding tokens of both sides of every pair, all ranks); TRL: "
-        "the attention-mask sum of every collated batch (chosen and rejected rows), all ranks",
+        "- real tokens: both sequences (prompt + answer) of every pair of the step, all ranks. ftpipe: counted "
+        "from its encoding of the step's pairs (its metrics.jsonl counts the positions it computed, fewer with the "
+        "prompt once); TRL: the attention-mask sum of every collated batch (chosen and rejected rows)",
         "- peak RSS: VmHWM of each training process, polled from /proc for both sides",
         "- CPU: user + system seconds of all training processes from the end of step 1 to the end of the last "
         "step (ftpipe: read from /proc when its metrics.jsonl gains a step, polled every 0.25 s; TRL: "
@@ -1195,6 +1216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps = step_pairs(batches, settings.accumulation(settings.ftpipe_processes), settings.steps)
         order = trl_order(steps, n)
         benchmarked = [i for step in steps for i in step]
+        sequence_tokens = [
+            sum(len(encoded.chosen_ids[i]) + len(encoded.rejected_ids[i]) for i in step) for step in steps
+        ]
         token_check = trl_token_check(tokenizer, encoded, benchmarked)
         rows = {
             "defaults": write_jsonl(
@@ -1211,7 +1235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 before = _loadavg()
                 if side == "ftpipe":
-                    record = run_ftpipe(settings, variant, run_dir, prepared)
+                    record = run_ftpipe(settings, variant, run_dir, prepared, sequence_tokens)
                 else:
                     record = run_trl(settings, variant, run_dir, rows[setting])
                 record = {"variant": name, "side": side, "setting": setting, **record}

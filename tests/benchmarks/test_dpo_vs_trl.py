@@ -146,6 +146,11 @@ def test_rates_leave_out_the_first_step(dpo):
     assert r["measured_steps"] == 2 and r["tokens_per_s"] == pytest.approx(100.0)
     assert r["s_per_step"] == pytest.approx(2.5) and r["padding_share"] == pytest.approx(300 / 800)
     assert r["train_time_s"] == pytest.approx(105.0)
+    # the prompt computed once: real tokens count both sequences, the padding share the positions computed
+    shared = [_step(1.0, 300, 400, 0.6, positions=200), _step(2.0, 300, 400, 0.5, positions=200)]
+    r = dpo.rates([shared[0], *shared])
+    assert r["tokens_per_s"] == pytest.approx(200.0) and r["padding_share"] == pytest.approx(0.5)
+    assert r["positions_per_pair_token"] == pytest.approx(2 / 3)
 
 
 def _run(losses: list[float], tps: float = 100.0, rss: float = 2.0, tokens: int = 100) -> dict:
@@ -447,6 +452,8 @@ def test_two_matched_steps_on_a_tiny_model(dpo, tiny_llama, tmp_path):
     assert sum(s["tokens"] for s in trl["steps"]) == trl["trl_num_tokens"]  # TRL's own count
     assert trl["reference"] == "adapter disabled" and not trl["gradient_checkpointing"]
     assert trl["tokens_per_cpu_s"] > 0 and trl["gflop_per_step"] > 0
+    ours = runs["ftpipe-matched"]
+    assert ours["prompt_once"] and all(s["positions"] < s["tokens"] for s in ours["steps"])
     a = report["agreement"]["matched"]
     assert a["same_tokens_every_step"] and a["same_label_tokens_every_step"]
     assert a["step1_is_ln2"] and a["losses_agree"], a["per_step"]

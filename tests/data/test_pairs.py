@@ -431,6 +431,71 @@ def test_collator_layout_chosen_rows_first():
     assert batch["pair_mask"].dtype == torch.float32 and batch["pair_mask"].tolist() == [1.0, 1.0]
 
 
+SHARED_PAIRS = [
+    {  # two prompt tokens: the rejected block starts with the prompt's last token again
+        "chosen_input_ids": [5, 6, 7, 8],
+        "chosen_labels": [-100, -100, 7, 8],
+        "rejected_input_ids": [5, 6, 9],
+        "rejected_labels": [-100, -100, 9],
+    },
+    {  # one prompt token (nothing to share but the row's start)
+        "chosen_input_ids": [9, 10],
+        "chosen_labels": [-100, 10],
+        "rejected_input_ids": [9, 11, 12, 13],
+        "rejected_labels": [-100, -100, 12, 13],
+    },
+]
+
+
+def test_collator_shares_the_prompt_in_one_row_per_pair():
+    batch = PairCollator(pad_token_id=EOS, share_prompt=True)(SHARED_PAIRS)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 6, 9], [9, 10, 9, 11, 12, 13]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 1, 2], [0, 1, 0, 1, 2, 3]]
+    assert batch["pair_segments"].dtype == torch.int8
+    assert batch["pair_segments"].tolist() == [[0, 1, 1, 1, 2, 2], [1, 1, 2, 2, 2, 2]]
+    x = IGNORE_INDEX
+    assert batch["labels"].tolist() == [  # chosen rows, then rejected rows, over the B input rows
+        [x, x, 7, 8, x, x],
+        [x, 10, x, x, x, x],
+        [x, x, x, x, x, 9],
+        [x, x, x, x, 12, 13],
+    ]
+    assert "attention_mask" not in batch
+    assert batch["num_tokens"].item() == 12  # positions computed: 15 in two rows per pair
+    two_rows = PairCollator(pad_token_id=EOS)(SHARED_PAIRS)
+    assert two_rows["num_tokens"].item() == 13 and two_rows["input_ids"].numel() == 16
+    for key in ("num_label_tokens", "num_pairs", "pair_mask"):
+        assert batch[key].tolist() == two_rows[key].tolist(), key
+    # the block mask: the prompt, then each answer block sees the prompt and itself
+    mask = pairs_module.pair_block_mask(batch["pair_segments"])
+    assert mask.shape == (2, 1, 6, 6) and mask.dtype == torch.bool
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 0, 0, 0, 1, 0],
+        [1, 0, 0, 0, 1, 1],
+    ]
+    assert mask[1, 0, 5].int().tolist() == [0, 0, 1, 1, 1, 1]
+    additive = pairs_module.pair_block_mask(batch["pair_segments"], torch.float32)
+    assert torch.equal(additive == 0, mask)
+    assert additive.min().item() == torch.finfo(torch.float32).min
+
+
+def test_collator_share_prompt_auto_keeps_rows_within_max_len_and_pads():
+    assert "attention_mask" in PairCollator(0, share_prompt="auto", max_len=5)(SHARED_PAIRS)
+    shared = PairCollator(0, share_prompt="auto", max_len=6)(SHARED_PAIRS)
+    assert shared["input_ids"].shape == (2, 6)
+    padded = PairCollator(0, 8, share_prompt=True)(SHARED_PAIRS[:1])
+    assert padded["input_ids"].shape == (1, 8) and padded["labels"].shape == (2, 8)
+    assert padded["pair_segments"][0, 6:].tolist() == [-1, -1]
+    mask = pairs_module.pair_block_mask(padded["pair_segments"])
+    assert mask[0, 0, 7].int().tolist() == [1, 0, 0, 0, 0, 0, 0, 1]  # padding: the prompt and itself
+    with pytest.raises(ValueError, match="share_prompt 'auto' needs max_len"):
+        PairCollator(0, share_prompt="auto")
+
+
 def test_collator_padding_copies_refs_and_bad_items():
     pair = {
         "chosen_input_ids": [5, 6],

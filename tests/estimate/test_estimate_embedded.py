@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,8 @@ def _args(dataset: Path, out: Path, checkpointing: bool) -> list[str]:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory, embedded_model_path) -> dict[bool, dict]:
-    """One run with and one without checkpointing, one after the other, one torch thread each;
+    """One run with and one without checkpointing, at the same time, one torch thread each (each process
+    measures its own resident set size: the other process does not count);
     ``{checkpointing: probe record + the run's arguments}``."""
     base = tmp_path_factory.mktemp("estimate_runs")
     dataset = _long_rows(base / "long_answers.json")
@@ -154,27 +156,37 @@ def measured(tmp_path_factory, embedded_model_path) -> dict[bool, dict]:
         "FTPIPE_MEASURE_THREADS": "1",  # two threads on a shared two-core machine: ten times slower steps
     }
     env.pop("PYTEST_CURRENT_TEST", None)
-    results = {}
-    for checkpointing in (True, False):
-        out = base / f"checkpointing_{checkpointing}"
-        out.mkdir()
-        args = _args(dataset, out, checkpointing)
-        with open(out / "train.log", "w") as log:
-            proc = subprocess.run(
-                [sys.executable, str(MEASURE), str(out / "memory.json"), *args],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=280,
-                check=False,
-            )
-        tail = (out / "train.log").read_text(errors="replace")[-4000:]
-        assert proc.returncode == 0, (
-            f"measured run (checkpointing {checkpointing}) exited {proc.returncode}:\n{tail}"
-        )
-        results[checkpointing] = {**json.loads((out / "memory.json").read_text()), "args": args}
-    return results
+    started = {}
+    try:
+        for checkpointing in (True, False):
+            out = base / f"checkpointing_{checkpointing}"
+            out.mkdir()
+            args = _args(dataset, out, checkpointing)
+            with open(out / "train.log", "w") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, str(MEASURE), str(out / "memory.json"), *args],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            started[checkpointing] = (proc, out, args)
+        deadline = time.monotonic() + 280  # both at once; each took at most 280 s alone
+        results = {}
+        for checkpointing, (proc, out, args) in started.items():
+            try:
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                code = None
+            tail = (out / "train.log").read_text(errors="replace")[-4000:]
+            assert code == 0, f"measured run (checkpointing {checkpointing}) exited {code}:\n{tail}"
+            results[checkpointing] = {**json.loads((out / "memory.json").read_text()), "args": args}
+        return results
+    finally:
+        for proc, _, _ in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.slow

@@ -377,6 +377,13 @@ class ObjectiveConfig:
         monitor: the validation metric that picks the best checkpoint and drives early stopping:
             ``val_loss`` (lower is better) or ``val_reward_accuracy`` (preference objectives; higher is
             better); ``auto``: ``val_loss``.
+        share_prompt: preference objectives: batch a pair as ONE row, the prompt once and both answers
+            after it behind a block attention mask, instead of two rows that both carry the prompt (the
+            same log-probabilities up to float rounding; the prompt's positions are computed once, in
+            the policy and the reference forward). ``auto``: for every batch whose shared rows fit in
+            ``max_seq_length``, with attention ``sdpa`` or ``eager`` (flash-attention takes no custom
+            mask) and no sliding window shorter than ``max_seq_length``; ``true``: always (rows of up to
+            twice ``max_seq_length``); ``false``: never.
     """
 
     objective: ObjectiveName = "sft"
@@ -389,6 +396,7 @@ class ObjectiveConfig:
     init_adapter: str | None = None
     sft_config: str | None = None
     monitor: Literal["auto", "val_loss", "val_reward_accuracy"] = "auto"
+    share_prompt: bool | Literal["auto"] = "auto"
 
 
 @dataclass(kw_only=True)

@@ -325,6 +325,11 @@ def _check_objective(cfg: PipelineConfig, problems: list[str]) -> None:
         )
     if cfg.data.packing:
         problems.append("packing: preference pairs are not packed (set packing: false)")
+    if ob.share_prompt is True and cfg.model.attn_implementation == "flash_attention_2":
+        problems.append(
+            "share_prompt: true needs a custom attention mask, which flash_attention_2 does not take "
+            "(set share_prompt: auto or false, or attn_implementation: sdpa)"
+        )
 
 
 def _check_debug(cfg: PipelineConfig, problems: list[str]) -> None:

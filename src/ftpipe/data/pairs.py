@@ -34,6 +34,12 @@ Choices:
   same uncut: nothing to prefer). Dropped pairs are counted per reason and never batched.
 * **Batches** (:class:`PairCollator`): the B chosen sides, then the B rejected sides, as 2B rows of one
   right-padded batch, so the policy (and a reference) run a single forward over both answers.
+* **The prompt once** (``share_prompt``): a pair can instead be ONE row, the prompt followed by both
+  answers, each answer block restarting its positions where the prompt ends and attending to the
+  prompt and itself only (a block mask built from ``pair_segments``). Each block starts with the
+  prompt's last token again, so every answer token is predicted from exactly the states it would see
+  in its own row: the same log-probabilities (up to float rounding) for ``P - 1`` fewer positions per
+  pair, ``P`` the prompt's length. Labels stay 2B rows (chosen, then rejected) over the B rows.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ftpipe.config.schema import DataConfig
@@ -560,12 +567,30 @@ class PairCollator:
     ``num_pairs`` and (B,) float32 ``pair_mask``: the pairs with at least one label on the chosen side
     (label-free padding copies count 0). Items with ``ref_chosen_logps`` and ``ref_rejected_logps``
     (cached reference log-probabilities) add (2B,) float32 ``ref_logps`` in the same row order.
+
+    ``share_prompt`` (see the module notes): ``True`` batches each pair as one row, prompt then both
+    answer blocks: ``input_ids``, ``position_ids`` and int8 ``pair_segments`` (0 prompt, 1 chosen
+    block, 2 rejected block, -1 padding) of shape (B, L), ``labels`` still (2B, L) over those rows and
+    ``num_tokens`` the real positions computed. ``"auto"`` does so for a batch whose shared rows fit in
+    ``max_len`` (a longer row would cost more attention than the prompt saves, and exceed the length
+    the memory estimate assumed); ``False`` never.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(
+        self,
+        pad_token_id: int,
+        pad_to_multiple_of: int | None = None,
+        *,
+        share_prompt: bool | Literal["auto"] = False,
+        max_len: int | None = None,
+    ) -> None:
         self._pad = SFTCollator(pad_token_id, pad_to_multiple_of)  # checks both arguments
         self.pad_token_id = self._pad.pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        if share_prompt == "auto" and not max_len:
+            raise ValueError("share_prompt 'auto' needs max_len (the longest row a batch may have)")
+        self.share_prompt = share_prompt
+        self.max_len = max_len
 
     def __call__(self, pairs: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not pairs:
@@ -586,7 +611,8 @@ class PairCollator:
                         f"{tuple(labels.shape)} must be 1-D and of equal length"
                     )
                 rows[side].append({"input_ids": ids, "labels": labels})
-        batch = self._pad(rows["chosen"] + rows["rejected"])
+        shared = self._shared_layout(rows) if self.share_prompt else None
+        batch = self._pad(rows["chosen"] + rows["rejected"]) if shared is None else shared
         has_label = (batch["labels"][: len(pairs)] != IGNORE_INDEX).any(dim=1)
         batch["num_pairs"] = has_label.sum()
         batch["pair_mask"] = has_label.to(torch.float32)
@@ -608,3 +634,87 @@ class PairCollator:
                 )
             batch["ref_logps"] = torch.tensor(values, dtype=torch.float32)
         return batch
+
+    def _shared_layout(
+        self, rows: dict[str, list[dict[str, torch.Tensor]]]
+    ) -> dict[str, torch.Tensor] | None:
+        """The batch with one row per pair (prompt, chosen block, rejected block), or None where
+        ``share_prompt`` is ``"auto"`` and a row would be longer than ``max_len``."""
+        built = [_shared_row(c, r) for c, r in zip(rows["chosen"], rows["rejected"], strict=True)]
+        length = max(len(ids) for ids, *_ in built)
+        if self.share_prompt == "auto" and self.max_len is not None and length > self.max_len:
+            return None
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        def pad(parts: list[torch.Tensor], value: int) -> torch.Tensor:
+            return torch.stack([F.pad(x, (0, length - len(x)), value=value) for x in parts])
+
+        ids, positions, segments, chosen, rejected = (list(part) for part in zip(*built, strict=True))
+        batch = {
+            "input_ids": pad(ids, self.pad_token_id),
+            "labels": pad(chosen + rejected, IGNORE_INDEX),
+            "position_ids": pad(positions, 0),
+            "pair_segments": pad(segments, -1).to(torch.int8),
+            "num_tokens": torch.tensor(sum(len(x) for x in ids)),
+        }
+        batch["num_label_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
+        return batch
+
+
+def shared_prefix_length(chosen: Mapping[str, torch.Tensor], rejected: Mapping[str, torch.Tensor]) -> int:
+    """Leading tokens both sides share and neither trains on (at least 1: position 0 is never labelled)."""
+    a, b = chosen["input_ids"], rejected["input_ids"]
+    n = min(len(a), len(b))
+    same = (a[:n] == b[:n]).long().cumprod(0).sum()
+    limit = [int(same)]
+    for side in (chosen, rejected):
+        labelled = (side["labels"] != IGNORE_INDEX).nonzero()
+        limit.append(int(labelled[0]) if len(labelled) else len(side["labels"]))
+    return max(1, min(limit))
+
+
+def _shared_row(
+    chosen: Mapping[str, torch.Tensor], rejected: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """One pair as one row: ``(input_ids, position_ids, segments, chosen labels, rejected labels)``.
+
+    With ``s`` shared tokens the row is the chosen side, then the rejected side from token ``s - 1``
+    on (the prompt's last token again, then the rejected answer); both answer blocks continue the
+    positions of the first ``s - 1`` tokens. Each side's labels cover its own block only.
+    """
+    s = shared_prefix_length(chosen, rejected)
+    c_ids, r_ids = chosen["input_ids"], rejected["input_ids"][s - 1 :]
+    n_c, n_r = len(c_ids), len(r_ids)
+    ids = torch.cat([c_ids, r_ids])
+    positions = torch.cat([torch.arange(n_c), torch.arange(s - 1, s - 1 + n_r)])
+    segments = torch.cat(
+        [
+            torch.zeros(s - 1, dtype=torch.long),
+            torch.ones(n_c - s + 1, dtype=torch.long),
+            torch.full((n_r,), 2),
+        ]
+    )
+    chosen_labels = torch.cat([chosen["labels"], torch.full((n_r,), IGNORE_INDEX)])
+    rejected_labels = torch.cat([torch.full((n_c,), IGNORE_INDEX), rejected["labels"][s - 1 :]])
+    return ids, positions, segments, chosen_labels, rejected_labels
+
+
+def pair_block_mask(segments: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The (B, 1, L, L) attention mask of shared-prompt rows (``pair_segments``): a position attends to
+    earlier positions of its own block and of the prompt, padding to itself only (no empty row).
+
+    Boolean (True: attend; ``sdpa``) or, with ``dtype``, additive (0 or the dtype's lowest; ``eager``).
+    """
+    seg = segments.long()
+    length = seg.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
+    query, key = seg[:, :, None], seg[:, None, :]
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed = allowed | torch.eye(length, dtype=torch.bool, device=seg.device)
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )

@@ -296,11 +296,15 @@ def _compute(
     objective = get_objective(cfg)
     # a pair's two sequences go through one forward; the reference forward keeps no activations
     sequences = cfg.train.micro_batch_size * objective.sequences_per_sample
+    seq_len = cfg.data.max_seq_length
+    if objective.sequences_per_sample == 2 and cfg.objective.share_prompt is True:
+        # one row per pair of up to twice the length ("auto" shares only rows that fit max_seq_length)
+        sequences, seq_len = cfg.train.micro_batch_size, 2 * seq_len
     reference_weights = shape.base_params * w_bytes // shard if objective.reference == "copy" else 0
     acts = activation_bytes(
         shape,
         micro_batch_size=sequences,
-        seq_len=cfg.data.max_seq_length,
+        seq_len=seq_len,
         compute_bytes=a_bytes,
         attn=target.attn_implementation,
         device=target.device,

@@ -27,15 +27,20 @@ side's log-ratio to the reference; SimPO: ``beta`` times the average log-probabi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ftpipe.config.errors import ConfigError
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.pairs import PairCollator, PairDataset
 from ftpipe.objectives.base import Batch, LossParts, Objective, PolicyModel, label_counts
+from ftpipe.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 METRICS = (
     "rewards/chosen",
@@ -59,6 +64,48 @@ def resolve_reference(cfg: PipelineConfig) -> str | None:
         return "cached" if ob.init_adapter else "adapter"
     # full fine-tuning: FSDP1 wraps every submodule of the training module, a copy would train with it
     return "cached" if cfg.dist.strategy == "fsdp1" else "copy"
+
+
+def resolve_share_prompt(cfg: PipelineConfig) -> bool | str:
+    """``share_prompt`` as the collator takes it (True, ``"auto"`` or False; see the configuration):
+    off where the attention takes no custom mask or a sliding window is shorter than the rows."""
+    setting = cfg.objective.share_prompt
+    if setting is False:
+        return False
+    from ftpipe.runtime import accelerator_name, select_attn_implementation
+
+    longest = cfg.data.max_seq_length * (2 if setting is True else 1)
+    attn = select_attn_implementation(cfg, accelerator_name(cfg))
+    problem = None
+    if attn not in ("sdpa", "eager"):
+        problem = f"attention {attn} takes no custom attention mask"
+    else:
+        window = _sliding_window(cfg)
+        if window is not None and window < longest:
+            problem = f"the model's sliding window ({window} tokens) is shorter than a shared row ({longest})"
+    if problem is None:
+        return setting
+    if setting is True:
+        raise ConfigError(
+            [f"objective.share_prompt: true cannot be used: {problem}; set it to auto or false"]
+        )
+    log.info("share_prompt auto: off, pairs batched as two rows (%s)", problem)
+    return False
+
+
+def _sliding_window(cfg: PipelineConfig) -> int | None:
+    """The model's attention window when it uses one (None: full attention, or the config is unreadable)."""
+    from ftpipe.model.load import load_model_config
+
+    try:
+        config = load_model_config(cfg)
+    except Exception:  # the model load reports an unreadable config itself
+        return None
+    config = getattr(config, "text_config", None) or config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 def preference_losses(
@@ -118,16 +165,25 @@ class DPOObjective(Objective):
         super().__init__(cfg)
         self.reference = resolve_reference(cfg)
 
+    @functools.cached_property
+    def share_prompt(self) -> bool | str:
+        """Whether pairs are batched as one shared-prompt row (``resolve_share_prompt``)."""
+        return resolve_share_prompt(self.cfg)
+
     def dataset(self, source: Any, tokenizer: Any, **kwargs: Any) -> PairDataset:
         return PairDataset(source, tokenizer, self.cfg.data, **kwargs)
 
     def collator(self, pad_token_id: int, *, flatten: bool = False) -> Callable[[Sequence[Any]], dict]:
-        return PairCollator(pad_token_id, pad_to_multiple_of=self.cfg.data.pad_to_multiple_of)
+        return PairCollator(
+            pad_token_id,
+            pad_to_multiple_of=self.cfg.data.pad_to_multiple_of,
+            share_prompt=self.share_prompt,
+            max_len=self.cfg.data.max_seq_length,
+        )
 
     def loss(self, model: PolicyModel, batch: Batch) -> LossParts:
         ob = self.cfg.objective
-        rows = batch["input_ids"].shape[0]
-        pairs = rows // 2
+        pairs = batch["labels"].shape[0] // 2  # label rows: chosen then rejected (one or two input rows)
         tokens = label_counts(batch["labels"]).to(torch.float32)
         mask = batch.get("pair_mask")
         mask = torch.ones(pairs) if mask is None else mask
@@ -172,4 +228,8 @@ class DPOObjective(Objective):
             self.reference, f"{self.reference}"
         )
         extra = f", rpo_alpha {ob.rpo_alpha:g}" if ob.rpo_alpha else ""
-        return f"objective dpo (dpo_loss {ob.dpo_loss}, beta {ob.dpo_beta:g}{extra}; reference: {ref}; loss per pair)"
+        shared = {True: "always", "auto": "where the row fits max_seq_length", False: "no"}[self.share_prompt]
+        return (
+            f"objective dpo (dpo_loss {ob.dpo_loss}, beta {ob.dpo_beta:g}{extra}; reference: {ref}; "
+            f"prompt batched once per pair: {shared}; loss per pair)"
+        )

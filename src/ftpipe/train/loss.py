@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ftpipe.data.pairs import PairCollator, pair_block_mask
 from ftpipe.data.tokenize import IGNORE_INDEX
 from ftpipe.errors import FtpipeError
 from ftpipe.utils.logging import get_logger
@@ -43,6 +44,24 @@ log = get_logger(__name__)
 
 class PackingIsolationError(FtpipeError):
     """Packed sequences attend to each other with this model and attention implementation."""
+
+
+class SharedPromptError(FtpipeError):
+    """A pair's answers, batched after one shared prompt, do not score as they do in rows of their own."""
+
+
+def pair_attention_mask(model: torch.nn.Module, segments: torch.Tensor) -> torch.Tensor:
+    """The block mask of shared-prompt pair rows in the form ``model``'s attention takes: boolean for
+    ``sdpa``, additive fp32 for ``eager`` (a 4-D mask reaches the attention as it is)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return pair_block_mask(segments)
+    if impl == "eager":
+        return pair_block_mask(segments, torch.float32)
+    raise SharedPromptError(
+        f"pairs batched with one shared prompt need a custom attention mask, which attention {impl!r} does "
+        "not take: set share_prompt: false (or attn_implementation: sdpa)"
+    )
 
 
 def shifted_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,16 +109,24 @@ def _chunk_token_logps(
     return -F.cross_entropy(head(h).float(), y, reduction="none")
 
 
+def _label_rows(rows: int, labels: torch.Tensor) -> int:
+    """How many label rows each input row has (labels may cover a row several times: shared prompts)."""
+    if rows == 0 or labels.shape[0] % rows:
+        raise ValueError(f"{labels.shape[0]} label rows for {rows} input rows: must be a multiple")
+    return labels.shape[0] // rows
+
+
 def sequence_logps_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row: the sum of the next-token log-probabilities (fp32) of the positions whose label is not -100."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
+    """Per label row: the sum of the next-token log-probabilities (fp32) of the positions whose label is
+    not -100. ``labels`` may have k times the rows of ``logits``: label row ``j`` scores logits row
+    ``j % rows`` (several answers over one shared-prompt row)."""
+    k = _label_rows(logits.shape[0], labels)
+    log_probs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    if k > 1:
+        log_probs = log_probs.repeat(k, 1, 1)
+    shift_labels = labels[:, 1:].to(log_probs.device)
     keep = shift_labels != IGNORE_INDEX
-    token_logps = (
-        torch.log_softmax(shift_logits, dim=-1)
-        .gather(-1, shift_labels.clamp_min(0).unsqueeze(-1))
-        .squeeze(-1)
-    )
+    token_logps = log_probs.gather(-1, shift_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (token_logps * keep).sum(dim=1)
 
 
@@ -110,11 +137,12 @@ def chunked_sequence_logps(
     chunk_size: int,
 ) -> torch.Tensor:
     """``sequence_logps_from_logits(head(hidden), labels)`` computed ``chunk_size`` labelled positions at
-    a time (as :func:`chunked_token_loss_sum`): one fp32 value per row."""
+    a time (as :func:`chunked_token_loss_sum`): one fp32 value per label row."""
+    k = _label_rows(hidden.shape[0], labels)
     targets = labels[:, 1:].to(hidden.device)
     keep = targets != IGNORE_INDEX
-    rows = keep.nonzero()[:, 0]
-    states = hidden[:, :-1][keep]
+    rows, cols = keep.nonzero(as_tuple=True)
+    states = hidden[:, :-1][keep] if k == 1 else hidden[rows % hidden.shape[0], cols]
     targets = targets[keep]
     total = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
     total = total + states.sum().float() * 0.0  # keeps the graph connected when no position has a label
@@ -174,7 +202,10 @@ class ChunkedLossHead:
         labels, self._labels = self._labels, None  # used once per forward
         if labels is None:
             return self._forward(hidden, *args, **kwargs)
-        if hidden.shape[:2] != labels.shape:
+        rows_ok = labels.shape[0] == hidden.shape[0] or (
+            self._per_sequence and labels.shape[0] % hidden.shape[0] == 0
+        )
+        if not rows_ok or hidden.shape[1] != labels.shape[1]:
             raise ValueError(
                 f"the output layer got hidden states of shape {tuple(hidden.shape)} for labels of shape "
                 f"{tuple(labels.shape)}: the model sliced its positions (logits_to_keep?); set loss_chunk_size: 0"
@@ -194,6 +225,7 @@ class NumericsReport:
     loss_rel_diff: float | None
     packing_rel_diff: float | None
     packing_cross_rel_diff: float | None
+    shared_prompt_rel_diff: float | None = None
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -209,10 +241,13 @@ def check_model_numerics(
     device: torch.device,
     length: int = 24,
     per_sequence: bool = False,
+    shared_prompt: bool = False,
 ) -> NumericsReport:
     """Check the chunked loss against the model's own logits, and (``packing``) packed-sequence isolation.
 
-    With ``per_sequence`` the per-row log-probabilities (preference objectives) are checked as well.
+    With ``per_sequence`` the per-row log-probabilities (preference objectives) are checked as well;
+    with ``shared_prompt`` a pair batched as one shared-prompt row must score both answers as their own
+    rows do, or SharedPromptError says to turn ``share_prompt`` off.
     Runs a few forwards of a ``length``-token random sequence in eval mode (no dropout); every rank
     runs the same ones, so under FSDP the collectives match. Raises PackingIsolationError when a
     packed sequence's logits depend on the sequence before it. Returns what was measured; the caller
@@ -264,6 +299,58 @@ def check_model_numerics(
                     "attn_implementation sdpa/eager/flash_attention_2 with a transformers model that builds "
                     "its masks from position ids."
                 )
-        return NumericsReport(ok, loss_diff, pack_diff, cross_diff)
+        shared_diff = None
+        if shared_prompt:
+            shared_diff = _shared_prompt_diff(model, head, ids[0], length // 3)
+            if not shared_diff <= tol:
+                raise SharedPromptError(
+                    f"share_prompt: a pair batched as one row (the prompt once, each answer after it) scores "
+                    f"its answers differently from rows of their own with {type(model).__name__} and "
+                    f"attention {getattr(model.config, '_attn_implementation', '?')} (relative difference "
+                    f"{shared_diff:.3g}, tolerance {tol:g}): the model does not take a custom attention mask "
+                    "as given. Set share_prompt: false."
+                )
+        return NumericsReport(ok, loss_diff, pack_diff, cross_diff, shared_diff)
     finally:
         model.train(was_training)
+
+
+def _shared_prompt_diff(
+    model: torch.nn.Module, head: ChunkedLossHead | None, ids: torch.Tensor, prompt: int
+) -> float:
+    """Largest relative difference between both answers' log-probabilities in rows of their own and in
+    one shared-prompt row (``ids``: prompt, then two answers of equal length)."""
+    answer = (len(ids) - prompt) // 2
+    sides = []
+    for start in (prompt, prompt + answer):
+        side_ids = torch.cat([ids[:prompt], ids[start : start + answer]]).cpu()
+        labels = side_ids.clone()
+        labels[:prompt] = IGNORE_INDEX
+        sides.append({"chosen_input_ids": side_ids, "chosen_labels": labels})
+    pair = {
+        "chosen_input_ids": sides[0]["chosen_input_ids"],
+        "chosen_labels": sides[0]["chosen_labels"],
+        "rejected_input_ids": sides[1]["chosen_input_ids"],
+        "rejected_labels": sides[1]["chosen_labels"],
+    }
+    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    rows = PairCollator(pad, share_prompt=False)([pair])
+    shared = PairCollator(pad, share_prompt=True)([pair])
+    rows = {k: v.to(ids.device) for k, v in rows.items()}
+    shared = {k: v.to(ids.device) for k, v in shared.items()}
+    alone = sequence_logps_from_logits(
+        model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False).logits,
+        rows["labels"],
+    )
+    inputs = {
+        "input_ids": shared["input_ids"],
+        "position_ids": shared["position_ids"],
+        "attention_mask": pair_attention_mask(model, shared["pair_segments"]),
+        "use_cache": False,
+    }
+    if head is not None:
+        with head.targets(shared["labels"], chunk_size=5, per_sequence=True):
+            together = model(**inputs).logits.reshape(-1).float()
+    else:
+        together = sequence_logps_from_logits(model(**inputs).logits, shared["labels"])
+    return float(((together - alone).abs() / alone.abs().clamp_min(1e-6)).max())

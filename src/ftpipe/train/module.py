@@ -64,6 +64,7 @@ from ftpipe.train.faults import NO_FAULTS, Faults
 from ftpipe.train.loss import (
     ChunkedLossHead,
     check_model_numerics,
+    pair_attention_mask,
     sequence_logps_from_logits,
     shifted_token_loss_sum,
 )
@@ -212,7 +213,8 @@ class FineTuneModule(pl.LightningModule):
         isolated (see ``ftpipe.train.loss``)."""
         self._numerics_checked = True
         packing = self.cfg.data.packing
-        if self._loss_head is None and not packing:
+        shared = bool(getattr(self.objective, "share_prompt", False))
+        if self._loss_head is None and not packing and not shared:
             return
         report = check_model_numerics(
             self._require_model(),
@@ -220,6 +222,7 @@ class FineTuneModule(pl.LightningModule):
             packing=packing,
             device=self.device,
             per_sequence=self.objective.sequences_per_sample > 1,
+            shared_prompt=shared,
         )
         if report.chunked_loss_ok is False:
             log.warning(
@@ -244,10 +247,13 @@ class FineTuneModule(pl.LightningModule):
             )
 
     @staticmethod
-    def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def _inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> dict[str, Any]:
+        mask = batch.get("attention_mask")
+        if "pair_segments" in batch:  # one row per pair, the prompt once (ftpipe.data.pairs)
+            mask = pair_attention_mask(model, batch["pair_segments"])
         return {
             "input_ids": batch["input_ids"],
-            "attention_mask": batch.get("attention_mask"),
+            "attention_mask": mask,
             "position_ids": batch.get("position_ids"),
             "use_cache": False,
         }
@@ -266,9 +272,9 @@ class FineTuneModule(pl.LightningModule):
         saved = recompute_saved() if self.cfg.dist.recompute_elementwise else nullcontext()
         if head is not None:
             with saved, head.targets(batch["labels"], per_sequence=True):
-                return model(**self._inputs(batch)).logits.reshape(-1)
+                return model(**self._inputs(batch, model)).logits.reshape(-1)
         with saved:
-            logits = model(**self._inputs(batch)).logits
+            logits = model(**self._inputs(batch, model)).logits
         return sequence_logps_from_logits(logits, batch["labels"])
 
     @torch.no_grad()
