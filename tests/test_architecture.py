@@ -107,3 +107,32 @@ def test_lightning_and_torch_internals_are_named_in_the_compat_module_only():
             ):
                 offenders.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
     assert offenders == [], "use the public API, or put the internal into ftpipe/compat.py"
+
+
+#: Launcher variables (exact names, and the prefixes of whole families): only ftpipe/utils/launch.py reads
+#: them; every other module asks its launch model (``ftpipe.utils.launch.current()``).
+LAUNCHER_NAME = re.compile(
+    r"(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|NODE_RANK|GROUP_RANK|GROUP_WORLD_SIZE|MASTER_ADDR|MASTER_PORT"
+    r"|SM_HOSTS|SM_CURRENT_HOST|KUBERNETES_SERVICE_HOST|PMI_RANK"
+    r"|(SLURM|SLURMD|TORCHELASTIC|PET|OMPI_COMM_WORLD|JSM_NAMESPACE)_[A-Z_]+)"
+)
+
+
+@pytest.mark.timeout(30)
+def test_no_module_but_the_launch_model_reads_launcher_variables():
+    import ast
+
+    found = []
+    for path, text in _sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and LAUNCHER_NAME.fullmatch(node.value)
+            ):
+                found.append((path, node.lineno, node.value))
+    assert any(path == "utils/launch.py" for path, _, _ in found), (
+        "the scan found nothing: is the package here?"
+    )
+    offenders = [f"{path}:{line}: {name}" for path, line, name in found if path != "utils/launch.py"]
+    assert offenders == [], "ask ftpipe.utils.launch.current() (rank, local rank, node, restarts, launcher)"

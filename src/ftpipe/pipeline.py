@@ -9,10 +9,8 @@ return, and rank 0 exports and evaluates alone, once.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ftpipe.config import results_root, validate_config
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.errors import FtpipeError
+from ftpipe.utils.launch import without_worker_variables
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
@@ -60,30 +59,6 @@ class RunResult:
         return asdict(self)
 
 
-#: Launcher variables of the training processes; a process started later (the vLLM worker) must not
-#: take them for a distributed job of its own.
-_LAUNCH_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
-
-
-@contextlib.contextmanager
-def _single_process_env() -> Iterator[None]:
-    """Without the launcher's distributed variables (restored afterwards)."""
-    saved = {k: os.environ.pop(k) for k in _LAUNCH_ENV if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 def _use_all_cores() -> None:
     """After training (whose ranks shared the cores, and left the process group together), rank 0
     works alone."""
@@ -118,7 +93,7 @@ def run(cfg: PipelineConfig) -> RunResult | None:
         return None
     _use_all_cores()
 
-    with _single_process_env():
+    with without_worker_variables():
         return _export_and_evaluate(cfg, prepared, trained, seconds, start)
 
 

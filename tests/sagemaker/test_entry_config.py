@@ -63,7 +63,9 @@ def test_paths_layout_and_hyperparameters(tmp_path, raw_channel, monkeypatch):
 
 
 def test_prepared_channel_cpu_host_and_explicit_paths(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # under torchrun
+    torchrun = {"TORCHELASTIC_RUN_ID": "sm", "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    for name, value in {**torchrun, "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)  # under torchrun, 2 processes on the host
     channel = tmp_path / "channel"
     channel.mkdir()
     for name in ("training.jsonl", "validation.jsonl", "test.jsonl"):

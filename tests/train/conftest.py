@@ -3,11 +3,6 @@ command line for the other ranks), a tiny random Llama for fast numeric checks, 
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,151 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO_ROOT / "configs" / "benchmark.yaml"  # fixed settings, independent of the demo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment, offline, without pytest's per-test variable, plus ``extra``."""
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        **(extra or {}),
-    }
-    env.pop("PYTEST_CURRENT_TEST", None)
-    return env
-
-
-def run_processes(
-    commands: list[list[str]], log_path: Path, timeout: float, env: dict[str, str] | None = None
-) -> list[int]:
-    """Run ``commands`` at once, each in its own process group, and wait for every process of every
-    group (Lightning's re-run ranks included); kill them all on timeout. Returns the exit codes."""
-    logs = [log_path.with_suffix(f".{i}.log") for i in range(len(commands))]
-    return _run_all(commands, logs, timeout, env, where=log_path.parent)
-
-
-def _run_all(
-    commands: list[list[str]], log_paths: list[Path], timeout: float, env: dict[str, str] | None, where: Path
-) -> list[int]:
-    """``run_processes`` with a log file of its own for each command."""
-    full_env = subprocess_env(env)
-    deadline = time.monotonic() + timeout
-    procs, logs = [], []
-    try:
-        for cmd, log_path in zip(commands, log_paths, strict=True):
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(log_path, "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=REPO_ROOT,
-                    env=full_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        codes = []
-        for proc in procs:
-            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
-        for proc in procs:  # the re-run ranks finish on their own right after rank 0
-            while _group_alive(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        return codes
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"training did not finish within {timeout:.0f}s; logs: {where}")
-    finally:
-        for proc in procs:
-            _kill_group(proc.pid)
-        for log in logs:
-            log.close()
-
-
-def read_log(log_path: Path) -> str:
-    return "\n".join(
-        p.read_text(errors="replace") for p in sorted(log_path.parent.glob(log_path.stem + ".*.log"))
-    )
-
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(step records, validation records) of a ``metrics.jsonl``."""
-    steps, vals = [], []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        (vals if "val_loss" in record else steps).append(record)
-    return steps, vals
-
-
-#: Settings of every run here unless a test gives its own: a configured MFU peak spares each rank the
-#: 2048 x 2048 matmul benchmark at start (seconds per run on a busy 2-core machine).
-RUN_DEFAULTS = {"peak_tflops_per_device": 1.0}
-
-
-def ftpipe_cmd(overrides: dict[str, object]) -> list[str]:
-    """``python -m ftpipe train --config configs/benchmark.yaml --key value ...`` (RUN_DEFAULTS first)."""
-    cmd = [sys.executable, "-m", "ftpipe", "train", "--config", str(DEMO_CONFIG)]
-    for key, value in {**RUN_DEFAULTS, **overrides}.items():
-        cmd += [f"--{key}", "null" if value is None else str(value)]
-    return cmd
-
-
-class Run:
-    """The outputs of one training run."""
-
-    def __init__(self, out: Path, model_slug: Path, log_path: Path):
-        self.out = out
-        self.root = out / "results" / model_slug
-        self.log_path = log_path
-
-    @property
-    def metrics(self) -> tuple[list[dict], list[dict]]:
-        return read_metrics(self.root / "metrics.jsonl")
-
-    @property
-    def losses(self) -> list[float]:
-        return [s["loss"] for s in self.metrics[0]]
-
-    def checkpoint(self, name: str = "last.ckpt") -> Path:
-        """The newest run's checkpoint ``name`` (checkpoint names start with the run id)."""
-        found = sorted((self.root / "checkpoints").glob(f"version_*/*-{name}"))
-        assert found, f"no <run id>-{name} under {self.root / 'checkpoints'}"
-        return found[-1]
-
-    def manifest(self) -> dict:
-        """The newest run's manifest (``run-<id>.json``)."""
-        found = sorted((self.root / "checkpoints").glob("version_*/run-*.json"))
-        assert found, f"no run manifest under {self.root / 'checkpoints'}"
-        return json.loads(found[-1].read_text())
-
-    def shard_reports(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted((self.out / "shards").glob("shards_rank*.json"))]
-
-    def log(self) -> str:
-        return read_log(self.log_path)
+from processes import (
+    REPO_ROOT,
+    Run,
+    free_port,
+    ftpipe_cmd,
+    group_alive,
+    kill_group,
+    run_all,
+    run_processes,
+    subprocess_env,
+)
 
 
 @pytest.fixture(scope="session")
@@ -212,7 +73,7 @@ def train_runner(tmp_path_factory, alpaca_demo) -> Callable[..., Run]:
         logs = [
             run.log_path.with_suffix(f".{i}.log") for cmds, run in planned.values() for i in range(len(cmds))
         ]
-        codes = _run_all(commands, logs, timeout, None, where=base)
+        codes = run_all(commands, logs, timeout, None, where=base)
         for (name, (_, result)), code in zip(planned.items(), codes, strict=True):
             assert code == 0, f"{name}: exit code {code}; log tail:\n{result.log()[-6000:]}"
         return {name: result for name, (_, result) in planned.items()}
@@ -248,9 +109,9 @@ class Started:
             return None
         finally:
             deadline = time.monotonic() + 10
-            while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            while group_alive(self.proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.2)  # the re-run rank ends right after rank 0
-            _kill_group(self.proc.pid)
+            kill_group(self.proc.pid)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -279,4 +140,21 @@ def start_train(request) -> Callable[..., Started]:
 
     yield start
     for s in started:
-        _kill_group(s.proc.pid)
+        kill_group(s.proc.pid)
+
+
+@pytest.fixture(scope="session")
+def reference(train_runner, tiny_llama, tmp_path_factory):
+    """The tiny numerics runs' reference: one process, micro-batch 4, no accumulation (profiled: the
+    profiler records, it changes nothing)."""
+    from tiny_runs import run_tiny
+
+    return run_tiny(
+        train_runner,
+        tiny_llama,
+        "single_micro4",
+        strategy="single",
+        gpus_per_node=1,
+        micro_batch_size=4,
+        profile_dir=str(tmp_path_factory.mktemp("profile")),
+    )

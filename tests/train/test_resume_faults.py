@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -206,3 +207,31 @@ def test_a_hung_rank_fails_the_job_with_a_message_naming_it(tmp_path, tiny_llama
     assert time.monotonic() - started < 200  # the timeout ends it, not the test's limit
     assert "timed out after process_group_timeout_s=15 s: rank(s) 1 stopped responding" in log
     assert "rank 1: step 3" in log and "rank 0: step 3" in log
+
+
+@pytest.mark.timeout(300)
+def test_a_dead_rank_is_named_by_the_survivor(tmp_path, tiny_llama, alpaca_demo, start_train):
+    """Rank 1 killed in the middle of training (SIGKILL, as the out-of-memory killer does): rank 0's next
+    collective fails on a closed connection, and rank 0 says which rank went away, on which node and host,
+    and where its log is; not "a bug in ftpipe" with gloo's traceback."""
+    shards = tmp_path / "shards"
+    args = _args(
+        tmp_path, tiny_llama, alpaca_demo, "dead", strategy="fsdp2", max_steps=400, val_check_interval=200
+    )
+    job = start_train({**args, "shard_report_dir": shards}, tmp_path / "dead.log")
+    deadline = time.monotonic() + 180
+    while len(list(shards.glob("shards_rank*.json"))) < 2 and time.monotonic() < deadline:
+        assert job.proc.poll() is None, job.log()[-5000:]
+        time.sleep(0.1)
+    time.sleep(1.0)  # a few steps in
+    workers = _worker_pids(job.proc.pid)
+    assert 1 in workers, f"no rank 1 child: {workers}\n{job.log()[-3000:]}"
+    os.kill(workers[1], signal.SIGKILL)
+    code = job.wait(timeout=120)
+    log = job.log()
+    assert code == 2, f"exit {code}; log tail:\n{log[-5000:]}"
+    assert "This is a bug in ftpipe" not in log
+    assert (
+        f"rank 0: rank 1 (node 0, host {socket.gethostname()}, pid {workers[1]}) stopped during step" in log
+    )
+    assert "rank 1's log: /" in log and "--resume_from_checkpoint auto" in log

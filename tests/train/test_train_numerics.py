@@ -13,47 +13,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_runs import TINY
+from tiny_runs import assert_same_steps as _assert_same_steps
+from tiny_runs import assert_same_weights as _assert_same_weights
+from tiny_runs import run_tiny as _run
 
 from ftpipe.model.checkpoint import read_checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-TINY = {
-    "max_samples": 8,
-    "train_ratio": 0.5,  # 4 training samples
-    "val_ratio": 0.375,  # 3 validation samples: 2 ranks pad one, which must not count
-    "test_ratio": 0.125,
-    "max_seq_length": 64,
-    "max_steps": 3,
-    "warmup_steps": 1,
-    "learning_rate": 1e-3,
-    "min_lr": 1e-4,
-    "val_check_interval": 2,
-    "limit_val_batches": None,
-    "lora_dropout": 0.0,
-    "precision": "32-true",
-    "gradient_clip_val": 0.05,  # below the gradient norms: clipping is active
-    "early_stopping_patience": 0,
-}
-
-
-def _run(train_runner, tiny_llama, name, **overrides):
-    return train_runner(name, {**TINY, "hf_model_id": str(tiny_llama), **overrides}, timeout=240)
-
-
-@pytest.fixture(scope="module")
-def reference(train_runner, tiny_llama, tmp_path_factory):
-    """One process, micro-batch 4, no accumulation (profiled: the profiler records, it changes nothing)."""
-    return _run(
-        train_runner,
-        tiny_llama,
-        "single_micro4",
-        strategy="single",
-        gpus_per_node=1,
-        micro_batch_size=4,
-        profile_dir=str(tmp_path_factory.mktemp("profile")),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -66,32 +33,6 @@ def fsdp2_run(train_runner, tiny_llama):
 def fsdp1_run(train_runner, tiny_llama):
     """FSDP1 (sharded state dicts, the CPU strategy subclass), 2 processes x micro-batch 2."""
     return _run(train_runner, tiny_llama, "fsdp1_2x2", strategy="fsdp1", gpus_per_node=2, micro_batch_size=2)
-
-
-def _weights(run, name="last.ckpt") -> dict[str, torch.Tensor]:
-    return read_checkpoint(run.checkpoint(name)).weights
-
-
-def _assert_same_steps(run, reference, rel=1e-4):
-    """The same step losses, norms and label counts, and the same val_loss over the whole split (each
-    sample once, however many ranks share it)."""
-    (steps, vals), (ref_steps, ref_vals) = run.metrics, reference.metrics
-    assert [v["val_loss"] for v in vals] == pytest.approx([v["val_loss"] for v in ref_vals], rel=rel)
-    assert [s["step"] for s in steps] == [1, 2, 3]
-    assert [s["label_tokens"] for s in steps] == [s["label_tokens"] for s in ref_steps]
-    assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in ref_steps], rel=rel)
-    assert [s["grad_norm"] for s in steps] == pytest.approx([s["grad_norm"] for s in ref_steps], rel=rel)
-
-
-def _assert_same_weights(run, reference, atol=1e-5):
-    """Same LoRA weights up to ``atol`` (1% of one learning-rate step: AdamW's near-sign updates amplify
-    fp32 summation-order noise of tiny gradients, but a different weighting of the tokens moves
-    weights by whole steps)."""
-    weights, ref = _weights(run), _weights(reference)
-    assert sorted(weights) == sorted(ref)
-    assert all(".lora_" in k for k in ref)  # trainable-only checkpoint
-    worst = max(float((weights[k] - ref[k]).abs().max()) for k in ref)
-    assert worst < atol, f"LoRA weights differ by up to {worst}"
 
 
 def _split_label_tokens(run) -> int:
@@ -198,30 +139,6 @@ def test_ddp_two_ranks_match_one_process(train_runner, tiny_llama, reference):
     _assert_same_steps(run, reference)
     _assert_same_weights(run, reference)
     assert run.checkpoint("last.ckpt").is_file()  # DDP saves one ordinary checkpoint file
-
-
-@pytest.mark.timeout(600)
-def test_torchrun_two_nodes_match_one_node_two_processes(train_runner, tiny_llama, fsdp2_run):
-    """``torchrun --nnodes 2 --nproc-per-node 1`` (two simulated nodes on localhost) trains like the
-    one-node two-process run."""
-    run = train_runner(
-        "torchrun_2nodes",
-        {
-            **TINY,
-            "hf_model_id": str(tiny_llama),
-            "strategy": "fsdp2",
-            "num_nodes": 2,
-            "gpus_per_node": 1,
-            "micro_batch_size": 2,
-        },
-        timeout=300,
-        torchrun_nodes=2,
-    )
-    assert [s["loss"] for s in run.metrics[0]] == pytest.approx(fsdp2_run.losses, rel=1e-6)
-    reports = run.shard_reports()
-    assert [(r["rank"], r["world_size"]) for r in reports] == [(0, 2), (1, 2)]
-    assert {r["cluster_environment"] for r in reports} == {"TorchElasticEnvironment"}
-    assert {r["cluster_environment"] for r in fsdp2_run.shard_reports()} == {"LightningEnvironment"}
 
 
 @pytest.mark.timeout(600)

@@ -30,6 +30,9 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 Precision = Literal["auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed"]
 StrategyName = Literal["fsdp2", "fsdp1", "ddp", "single"]
 ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"]
+#: The GPUs and interconnects ``ftpipe estimate`` plans for (``ftpipe.estimate.hardware``).
+PlanGpu = Literal["a100-40gb", "a100-80gb", "h100", "h200", "b200", "l40s", "l4"]
+InterconnectName = Literal["ib-ndr", "ib-hdr", "efa-p5", "efa-p4d", "ethernet-100", "ethernet-25"]
 
 
 @dataclass(kw_only=True)
@@ -421,7 +424,12 @@ class DistConfig:
         use_orig_params: FSDP1 keeps original parameters (needed for LoRA's frozen/trainable mix).
         process_group_timeout_s: collective timeout; a hung rank fails the job after this long.
         gpu_memory_gib: memory of one GPU (GiB) that ``ftpipe estimate`` checks the estimate against
-            (unset: the memory of the local CUDA device, if any).
+            (unset: the memory of ``plan_gpu``, else of the local CUDA device, if any).
+        plan_gpu: ``ftpipe estimate`` plans the run on this GPU (its memory, bf16 peak and NVLink) for 1, 2, 4,
+            ... up to ``num_nodes`` nodes of ``gpus_per_node``: memory, step time, communication
+            (``ftpipe.estimate.scale``).
+        interconnect: the network between the nodes of that plan (needed with ``num_nodes`` > 1).
+        plan_mfu: the model FLOPs utilization the plan assumes, in (0, 1].
     """
 
     strategy: StrategyName = "fsdp2"
@@ -436,6 +444,9 @@ class DistConfig:
     use_orig_params: bool = True
     process_group_timeout_s: float = 1800.0
     gpu_memory_gib: float | None = None
+    plan_gpu: PlanGpu | None = None
+    interconnect: InterconnectName | None = None
+    plan_mfu: float = 0.4
 
 
 @dataclass(kw_only=True)
@@ -567,7 +578,7 @@ class DebugConfig:
         inject_nan_steps: global optimizer steps (1-based) whose loss is multiplied by NaN on every rank.
         stop_at_step: stop after this step as if SIGTERM had arrived then.
         kill_at_checkpoint_step: SIGKILL every rank after the checkpoint of this step is written and
-            before it is published.
+            before it is published (in a launcher's first round: a restarted round continues).
         hang_rank: this rank stops responding (sleeps) at ``hang_at_step``.
         hang_at_step: the step at which ``hang_rank`` stops responding.
         shard_report_dir: every rank writes ``shards_rank<R>.json`` here at train start and end (local

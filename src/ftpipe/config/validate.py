@@ -231,6 +231,8 @@ def _semantic_problems(cfg: PipelineConfig) -> list[str]:
             "allowed: auto, 32-true, bf16-mixed, bf16-true, or strategy: fsdp1/ddp"
         )
     _positive(problems, ds, ["process_group_timeout_s", "gpu_memory_gib"])
+    if not 0 < ds.plan_mfu <= 1:
+        problems.append(f"plan_mfu: {ds.plan_mfu} is not in (0, 1] (a share of the GPU's peak, e.g. 0.4)")
 
     ev = cfg.eval
     _positive(

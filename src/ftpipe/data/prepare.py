@@ -37,6 +37,7 @@ from ftpipe.data.manifest import MANIFEST_NAME, PREPARED_KEYS, read_manifest
 from ftpipe.data.preference import PAIR_KEYS, PAIR_OBJECTIVES, is_pair_record
 from ftpipe.data.sources import Source, resolve_source, source_fingerprint
 from ftpipe.utils.folders import recover, staging_dir, swap_in
+from ftpipe.utils.launch import current as current_launch
 from ftpipe.utils.logging import get_logger, global_rank
 from ftpipe.utils.world import distributed, local_rank
 
@@ -310,8 +311,7 @@ def _store_key(cfg: PipelineConfig, folder: Path) -> str:
     """The key of this preparation's outcome: the settings, the folder and the launcher's restart round (a
     torchrun restart keeps its store, and a new round must not read the old round's outcome)."""
     digest = settings_hash(_settings(cfg))
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return f"ftpipe/prepare/{digest}/{folder.name}/{restart}"
+    return f"ftpipe/prepare/{digest}/{folder.name}/{current_launch().restart_count}"
 
 
 def _post(store, key: str, status: str) -> None:

@@ -19,6 +19,7 @@ _EXPORTS = {
     "leave_process_group": "ftpipe.distributed.devices",
     "apply_activation_checkpointing": "ftpipe.distributed.checkpointing",
     "build_strategy": "ftpipe.distributed.strategy",
+    "cluster_environment": "ftpipe.distributed.strategy",
     "create_model": "ftpipe.distributed.build",
     "shard_model": "ftpipe.distributed.fsdp2",
 }
@@ -29,6 +30,7 @@ __all__ = [
     "MaterializeMeta",
     "apply_activation_checkpointing",
     "build_strategy",
+    "cluster_environment",
     "create_model",
     "discover_decoder_layer_classes",
     "find_decoder_layer_classes",
@@ -47,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         discover_decoder_layer_classes,
         find_decoder_layer_classes,
     )
-    from ftpipe.distributed.strategy import build_strategy
+    from ftpipe.distributed.strategy import build_strategy, cluster_environment
 
 
 def __getattr__(name: str) -> Any:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from ftpipe.utils.launch import remember_rank
 from ftpipe.utils.world import in_group
 
 
@@ -19,7 +18,7 @@ def leave_process_group() -> None:
     if not in_group():
         return
     # Rank-aware logging keeps working without the group (Lightning's launcher sets no RANK).
-    os.environ["RANK"] = str(dist.get_rank())
+    remember_rank(dist.get_rank())
     if dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()

@@ -5,6 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import torch
+from lightning.pytorch.plugins.environments import (
+    ClusterEnvironment,
+    KubeflowEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 from lightning.pytorch.strategies import (
     DDPStrategy,
     FSDPStrategy,
@@ -16,6 +22,7 @@ from lightning.pytorch.strategies import (
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.fsdp1 import CPUFSDPStrategy, MaterializeMeta
 from ftpipe.runtime import accelerator_name, compute_dtype, is_16bit, process_group_backend, select_precision
+from ftpipe.utils.launch import current as current_launch
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -58,6 +65,22 @@ def _fsdp1(cfg: PipelineConfig, layer_classes: set[type], common: dict) -> FSDPS
         kwargs["param_init_fn"] = MaterializeMeta("cuda")
     cls = CPUFSDPStrategy if on_cpu else FSDPStrategy
     return cls(**kwargs)
+
+
+def cluster_environment() -> ClusterEnvironment | None:
+    """Lightning's cluster environment for this process's launcher (:mod:`ftpipe.utils.launch`), given to
+    the Trainer so that Lightning and ftpipe never disagree on who a process is: SLURM without Lightning's
+    own requeue (ftpipe stops on the signal and saves; the batch script requeues), torchrun (also under
+    srun, where Lightning's order would take SLURM's task numbers), the Kubernetes operator's one process per
+    pod (which Lightning cannot detect); None for ftpipe's own launch (Lightning's default)."""
+    launcher = current_launch().launcher
+    if launcher == "slurm":
+        return SLURMEnvironment(auto_requeue=False)
+    if launcher == "torchrun":
+        return TorchElasticEnvironment()
+    if launcher == "kubeflow":
+        return KubeflowEnvironment()
+    return None
 
 
 def build_strategy(cfg: PipelineConfig, layer_classes: set[type]) -> Strategy | str:

@@ -1,4 +1,5 @@
-"""``ftpipe estimate``: the expected per-GPU memory of a training run, printed before the run."""
+"""``ftpipe estimate``: the expected per-GPU memory of a training run, printed before the run, and with
+``plan_gpu`` the run planned on 1 .. ``num_nodes`` nodes of that GPU (``ftpipe.estimate.scale``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ def estimate(cfg: PipelineConfig) -> MemoryEstimate:
     """
     result = plan(cfg)
     print_estimate(result)
+    if cfg.dist.plan_gpu:
+        from ftpipe.estimate.scale import format_plan, scale_plan
+
+        t = cfg.train
+        micro_tokens = (
+            t.micro_batch_size * cfg.data.max_seq_length * (2 if cfg.objective.objective == "dpo" else 1)
+        )
+        print("\n".join(["", *format_plan(scale_plan(cfg), micro_tokens)]), flush=True)
     log.info(
         "estimate: %.2f GiB per %s%s",
         result.total / GIB,

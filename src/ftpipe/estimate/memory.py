@@ -25,6 +25,7 @@ import torch
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.errors import FtpipeError
 from ftpipe.estimate.activations import Activations, activation_bytes
+from ftpipe.estimate.hardware import GPUS
 from ftpipe.estimate.shape import ModelConfigUnavailable, ModelShape, model_shape
 from ftpipe.runtime import compute_dtype, is_16bit, weight_dtype
 from ftpipe.utils.logging import get_logger
@@ -169,7 +170,9 @@ def _target(cfg: PipelineConfig) -> Target:
     from ftpipe.runtime import select_attn_implementation, select_precision
 
     local = _local_device(cfg)
-    planned_gpu = cfg.dist.accelerator == "cuda" or cfg.dist.gpu_memory_gib is not None
+    planned_gpu = (
+        cfg.dist.accelerator == "cuda" or cfg.dist.gpu_memory_gib is not None or bool(cfg.dist.plan_gpu)
+    )
     device = "cpu" if cfg.dist.accelerator == "cpu" else ("cuda" if local == "cuda" or planned_gpu else "cpu")
     try:
         if device == local:
@@ -241,6 +244,8 @@ def _auto_memory(cfg: PipelineConfig, device: str, device_memory: int | None) ->
 def _device_memory(cfg: PipelineConfig, device: str) -> int | None:
     if cfg.dist.gpu_memory_gib is not None:
         return int(cfg.dist.gpu_memory_gib * GIB)
+    if cfg.dist.plan_gpu is not None:
+        return int(GPUS[cfg.dist.plan_gpu].memory_gib * GIB)
     if device == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     return None
@@ -421,18 +426,18 @@ def _advice(cfg: PipelineConfig, shape: ModelShape, target: Target, memory: int)
     )
 
 
-def plan(cfg: PipelineConfig) -> MemoryEstimate:
+def plan(cfg: PipelineConfig, shape: ModelShape | None = None) -> MemoryEstimate:
     """The per-GPU memory of training ``cfg`` (``ftpipe.estimate.estimate`` prints it).
 
     Reads only the model's configuration (a local folder holding config.json works offline); no weights
-    are loaded.
+    are loaded. ``shape``: the model's, when already read (a plan of several layouts reads it once).
 
     Raises:
         ModelConfigUnavailable: the model's configuration cannot be read.
         EstimateError: the configured precision or attention kernel cannot run on the target device.
     """
     target = _target(cfg)
-    shape = model_shape(cfg)
+    shape = shape if shape is not None else model_shape(cfg)
     memory = _device_memory(cfg, target.device)
     result = _compute(cfg, shape, target, memory)
     if result.fits is False and memory is not None:

@@ -76,6 +76,8 @@ class ModelShape:
         linears: the linear modules of the largest decoder layer.
         norm_elements: per token, the elements each normalisation of one layer normalises.
         gated_mlp: the MLP multiplies an activated gate with an up projection (SwiGLU).
+        embedding_params: parameters of the input embedding when it is not the output head's weight too
+            (a lookup, no matmul: the FLOPs of a token leave them out); 0 when tied.
     """
 
     architecture: str
@@ -97,6 +99,7 @@ class ModelShape:
     linears: tuple[AdaptedLinear, ...]
     norm_elements: tuple[int, ...]
     gated_mlp: bool
+    embedding_params: int = 0
 
     @property
     def adapter_params(self) -> int:
@@ -303,6 +306,15 @@ def _build(cfg: PipelineConfig, config) -> torch.nn.Module:
     return model
 
 
+def _untied_embedding_params(model) -> int:
+    """The input embedding's parameters unless the output head shares its weight."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is None or getattr(embedding, "weight", None) is None:
+        return 0
+    tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    return 0 if tied else embedding.weight.numel()
+
+
 def model_shape(cfg: PipelineConfig, probe_above: int = PROBE_ABOVE_LAYERS) -> ModelShape:
     """Build ``cfg``'s model on the meta device (with ftpipe's LoRA when ``finetuning`` is ``lora``) and
     read its parameter counts and decoder-layer structure.
@@ -369,6 +381,7 @@ def model_shape(cfg: PipelineConfig, probe_above: int = PROBE_ABOVE_LAYERS) -> M
         linears=linears,
         norm_elements=norms,
         gated_mlp=_is_gated(largest, text, intermediate),
+        embedding_params=_untied_embedding_params(model),
     )
     log.info(
         "%s: %s parameters (%s trainable), %d x %s",

@@ -34,6 +34,9 @@ from ftpipe.config.schema import PipelineConfig
 from ftpipe.data.build import SPLIT_FILES
 from ftpipe.errors import FtpipeError
 from ftpipe.utils.allocator import reexec_with_tunables
+from ftpipe.utils.launch import SAGEMAKER_PORT, set_rendezvous
+from ftpipe.utils.launch import current as current_launch
+from ftpipe.utils.launch import from_environ as launch_from_environ
 from ftpipe.utils.logging import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -63,14 +66,17 @@ class SageMakerEnv:
     def from_environ(cls, environ: dict[str, str] | None = None) -> SageMakerEnv:
         env = dict(os.environ if environ is None else environ)
         base = Path(env.get("SAGEMAKER_BASE_DIR", CONTAINER_ROOT))
-        hosts = json.loads(env.get("SM_HOSTS", "[]")) or [env.get("SM_CURRENT_HOST", "localhost")]
+        launch = launch_from_environ(env)  # SM_HOSTS, SM_CURRENT_HOST
+        if launch.problems and launch.cluster == "sagemaker":
+            raise SageMakerEnvError("; ".join(launch.problems))
+        hosts = list(launch.hosts) if launch.cluster == "sagemaker" else ["localhost"]
         channel = env.get("SM_CHANNEL_TRAINING")
         return cls(
             hyperparameters=json.loads(env["SM_HPS"]) if env.get("SM_HPS") else {},
             model_dir=Path(env.get("SM_MODEL_DIR", base / "model")),
             output_data_dir=Path(env.get("SM_OUTPUT_DATA_DIR", base / "output" / "data")),
             hosts=list(hosts),
-            current_host=env.get("SM_CURRENT_HOST", hosts[0]),
+            current_host=launch.host if launch.cluster == "sagemaker" else hosts[0],
             num_gpus=int(env.get("SM_NUM_GPUS", "0") or 0),
             channel_training=Path(channel) if channel else None,
             base_dir=base,
@@ -129,9 +135,9 @@ def data_overrides(channel: Path | None) -> dict[str, Any]:
 
 
 def processes_per_host(env: SageMakerEnv) -> int:
-    """The launcher's ``LOCAL_WORLD_SIZE`` (torchrun), else one process per GPU (one on a CPU host)."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    return int(local) if local.isdigit() else max(env.num_gpus, 1)
+    """The processes torchrun started on this host, else one process per GPU (one on a CPU host)."""
+    launch = current_launch()
+    return launch.processes_per_node if launch.launcher == "torchrun" else max(env.num_gpus, 1)
 
 
 def build_config(env: SageMakerEnv, args: Sequence[str]) -> PipelineConfig:
@@ -174,10 +180,8 @@ def set_process_env(env: SageMakerEnv) -> None:
 
     for key, value in JOB_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
-    if "LOCAL_WORLD_SIZE" not in os.environ:  # not under torchrun
-        os.environ.setdefault("MASTER_ADDR", env.hosts[0])
-        os.environ.setdefault("MASTER_PORT", "7777")
-        os.environ.setdefault("NODE_RANK", str(env.node_rank))
+    if current_launch().launcher != "torchrun":
+        set_rendezvous(env.hosts[0], SAGEMAKER_PORT, env.node_rank)
 
 
 def run_job(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Any:

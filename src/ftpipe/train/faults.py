@@ -57,8 +57,11 @@ class Faults:
         return self.stop_at_step is not None and step >= self.stop_at_step
 
     def checkpoint_written(self, step: int) -> None:
-        """SIGKILL this process when the checkpoint of ``step`` is the one to die after."""
-        if self.kill_at_checkpoint_step == step:
+        """SIGKILL this process when the checkpoint of ``step`` is the one to die after (in the launcher's
+        first round: the round a launcher restarts after the kill continues)."""
+        from ftpipe.utils.launch import current
+
+        if self.kill_at_checkpoint_step == step and current().restart_count == 0:
             log.warning("fault injection: killing this process after writing the checkpoint of step %d", step)
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -28,11 +28,14 @@ from ftpipe.errors import StoppedResumable
 from ftpipe.estimate.memory import resolve_activation_checkpointing
 from ftpipe.model.load import check_4bit_support
 from ftpipe.train.faults import Faults
-from ftpipe.train.heartbeat import is_timeout, timeout_error
+from ftpipe.train.heartbeat import is_peer_lost, is_timeout, peer_lost_error, timeout_error
 from ftpipe.train.resume import ResumeError, resolve_resume
 from ftpipe.train.step import OptimizerStep
 from ftpipe.utils.allocator import describe as malloc_settings
+from ftpipe.utils.launch import check_launch, expect_local_processes
+from ftpipe.utils.launch import current as current_launch
 from ftpipe.utils.logging import get_logger, global_rank
+from ftpipe.utils.world import in_group
 
 log = get_logger(__name__)
 
@@ -81,7 +84,8 @@ def set_cpu_threads(cfg: PipelineConfig) -> int:
 
     if accelerator_name(cfg) != "cpu":
         return torch.get_num_threads()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.train.gpus_per_node) or 1)
+    launch = current_launch()
+    local_world = launch.processes_per_node if launch.external else cfg.train.gpus_per_node
     threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
     torch.set_num_threads(threads)
     return threads
@@ -90,14 +94,13 @@ def set_cpu_threads(cfg: PipelineConfig) -> int:
 def _warn_torchrun_shared_store() -> None:
     """``torchrun --max-restarts N`` shares one rendezvous store across restarts by default; the restarted
     ranks then read the dead round's addresses and hang joining the process group."""
-    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
-    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    if shared and restarts.isdigit() and int(restarts) > 0 and global_rank() == 0:
+    launch = current_launch()
+    if launch.shared_store and launch.max_restarts > 0 and global_rank() == 0:
         log.warning(
-            "torchrun --max-restarts %s with its shared rendezvous store: restarted ranks can hang while "
+            "torchrun --max-restarts %d with its shared rendezvous store: restarted ranks can hang while "
             "joining the process group. Start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its "
             "environment, and resume_from_checkpoint auto.",
-            restarts,
+            launch.max_restarts,
         )
 
 
@@ -116,6 +119,9 @@ def train(cfg: PipelineConfig) -> TrainResult:
     import lightning.pytorch as pl
 
     cfg = validate_config(cfg)
+    launch = check_launch(cfg.train.num_nodes, cfg.train.gpus_per_node)  # before any data or weights
+    expect_local_processes(cfg.train.gpus_per_node)
+    log.info("%s", launch.describe())
     cfg = resolve_activation_checkpointing(cfg)  # the same choice on every rank: config and machine only
     # Lightning saves ``last`` into the same distributed-checkpoint folder again: expected, not a problem.
     warnings.filterwarnings("ignore", message="Detected an existing checkpoint in", category=UserWarning)
@@ -232,6 +238,8 @@ def _train_locked(
         parts.folders.finish("failed", trainer.global_step)
         if isinstance(err, RuntimeError) and is_timeout(err):
             raise timeout_error(err, cfg.dist.process_group_timeout_s) from err
+        if is_peer_lost(err) and parts.heartbeat is not None and in_group():
+            raise peer_lost_error(err, parts.heartbeat.peers, trainer.global_step) from err
         raise
     parts.folders.finish(
         "stopped" if parts.stop.stopped_at_step is not None else "completed", trainer.global_step

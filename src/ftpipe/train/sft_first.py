@@ -15,7 +15,6 @@ Lightning starts later for the preference run find that SFT run completed and re
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,8 +67,9 @@ def completed_sft_checkpoint(sft: PipelineConfig) -> Path | None:
 
 def _launched_by_lightning(cfg: PipelineConfig) -> bool:
     """Several local processes that Lightning's launcher would start (not torchrun, SLURM or a child)."""
-    external = any(v in os.environ for v in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS"))
-    return cfg.train.gpus_per_node * cfg.train.num_nodes > 1 and not external
+    from ftpipe.utils.launch import current
+
+    return cfg.train.gpus_per_node * cfg.train.num_nodes > 1 and current().launcher == "single"
 
 
 def train_sft_first(cfg: PipelineConfig) -> PipelineConfig:

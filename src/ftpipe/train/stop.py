@@ -1,4 +1,4 @@
-"""Stopping on SIGTERM / SIGINT without losing work.
+"""Stopping on SIGTERM / SIGINT (and SIGUSR1 under SLURM) without losing work.
 
 SageMaker (a stopped or pre-empted job: 120 s before SIGKILL), SLURM, Kubernetes and torchrun's own
 shutdown send SIGTERM; Ctrl-C sends SIGINT. The handler only records the signal. At the next optimizer
@@ -30,11 +30,24 @@ from lightning.pytorch.callbacks import Callback
 
 from ftpipe.train.faults import NO_FAULTS, Faults
 from ftpipe.train.step import OptimizerStep
+from ftpipe.utils.launch import current as current_launch
 from ftpipe.utils.logging import get_logger
 
 log = get_logger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Under SLURM also SIGUSR1, the usual warning signal of a batch script (``#SBATCH --signal=USR1@120``), whose
+#: default action would end the process without a checkpoint.
+SLURM_STOP_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)
+
+
+#: Stop signals for which Lightning installs no handler of its own.
+NOT_LIGHTNINGS = {signal.SIGUSR1}
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop training in this process's launch."""
+    return SLURM_STOP_SIGNALS if current_launch().cluster == "slurm" else STOP_SIGNALS
 
 
 class GracefulStop(Callback):
@@ -53,11 +66,11 @@ class GracefulStop(Callback):
     def __init__(
         self,
         steps: OptimizerStep,
-        signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+        signals: tuple[signal.Signals, ...] | None = None,
         faults: Faults = NO_FAULTS,
     ) -> None:
         super().__init__()
-        self.signals = signals
+        self.signals = stop_signals() if signals is None else signals
         self.signal_name: str | None = None
         self.stopped_at_step: int | None = None
         self._previous: dict[signal.Signals, Any] = {}
@@ -71,6 +84,11 @@ class GracefulStop(Callback):
         # The handlers before Lightning installs its own (after this hook): ``teardown`` restores these.
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.getsignal(sig) for sig in self.signals}
+            # Lightning leaves SIGUSR1 alone (no auto-requeue): recorded from here on, so that a warning
+            # that arrives while the model loads stops training at its first step instead of ending the
+            # process without a checkpoint (SIGUSR1's default action)
+            for sig in set(self.signals) & NOT_LIGHTNINGS:
+                signal.signal(sig, self._record)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Replaces Lightning's own SIGTERM handler for the training loop (it stops without a checkpoint).

@@ -56,6 +56,7 @@ class TrainerParts:
     logger: TensorBoardLogger
     metrics_path: Path
     stop: GracefulStop
+    heartbeat: Heartbeat | None = None
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -247,7 +248,7 @@ def build_trainer(
 ) -> TrainerParts:
     """The Trainer of ``cfg``: strategy and accelerator from ``ftpipe.distributed``, precision from the
     hardware, ``max_steps`` optimizer steps, validation every ``val_check_interval`` steps."""
-    from ftpipe.distributed import build_strategy, discover_decoder_layer_classes
+    from ftpipe.distributed import build_strategy, cluster_environment, discover_decoder_layer_classes
     from ftpipe.runtime import accelerator_name, select_precision
 
     adopt_library_loggers()
@@ -272,6 +273,7 @@ def build_trainer(
         devices=t.gpus_per_node,
         num_nodes=t.num_nodes,
         strategy=strategy,
+        plugins=[env] if (env := cluster_environment()) is not None else None,
         precision=precision,
         max_steps=t.max_steps,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -291,4 +293,5 @@ def build_trainer(
         benchmark=False,
     )
     stop = next(c for c in callbacks if isinstance(c, GracefulStop))
-    return TrainerParts(trainer, checkpoint, metrics, folders, logger, metrics_path, stop)
+    heartbeat = next(c for c in callbacks if isinstance(c, Heartbeat))
+    return TrainerParts(trainer, checkpoint, metrics, folders, logger, metrics_path, stop, heartbeat)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -11,19 +10,10 @@ _FORMAT = "%(asctime)s %(levelname)s [%(name)s%(rank_tag)s] %(message)s"
 
 
 def global_rank() -> int:
-    """This process's global rank: from torch.distributed when initialised, else the launcher's env."""
-    from ftpipe.utils.world import in_group, rank
+    """This process's global rank: from torch.distributed when initialised, else its launcher's."""
+    from ftpipe.utils.world import global_rank as rank
 
-    if in_group():
-        return rank()
-    for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    local, node = os.environ.get("LOCAL_RANK"), os.environ.get("NODE_RANK", "0")
-    if local is not None and local.isdigit():
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-        return int(node) * per_node + int(local) if per_node else int(local)
-    return 0
+    return rank()
 
 
 class _RankFilter(logging.Filter):
@@ -121,6 +111,14 @@ def _quiet_libraries(quiet: bool) -> None:
         pass
 
 
+_log_file: Path | None = None
+
+
+def current_log_file() -> Path | None:
+    """The file this process's records go to (:func:`add_log_file`), None without one."""
+    return _log_file
+
+
 def add_log_file(path: Path) -> logging.Handler:
     """Write every record (ftpipe's all, other libraries' from INFO, Python warnings) to ``path`` too."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +126,8 @@ def add_log_file(path: Path) -> logging.Handler:
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     handler.addFilter(_FileFilter())
+    global _log_file
+    _log_file = path
     root = logging.getLogger()
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
@@ -137,6 +137,13 @@ def add_log_file(path: Path) -> logging.Handler:
 
 
 def remove_log_file(handler: logging.Handler) -> None:
+    global _log_file
+    if (
+        isinstance(handler, logging.FileHandler)
+        and _log_file is not None
+        and handler.baseFilename == str(_log_file.absolute())
+    ):
+        _log_file = None
     handler.close()
     logging.getLogger().removeHandler(handler)
 

@@ -26,6 +26,13 @@ def rank() -> int:
     return dist.get_rank() if in_group() else 0
 
 
+def global_rank() -> int:
+    """This process's global rank: the process group's when it exists, else its launcher's."""
+    from ftpipe.utils.launch import current
+
+    return rank() if in_group() else current().rank
+
+
 def world_size() -> int:
     """Processes in the default group (1 without one)."""
     import torch.distributed as dist
@@ -34,11 +41,10 @@ def world_size() -> int:
 
 
 def local_rank() -> int:
-    """This process's rank on its node: the launcher's ``LOCAL_RANK``, else the global rank."""
-    import os
+    """This process's rank on its node, as its launcher says (:mod:`ftpipe.utils.launch`)."""
+    from ftpipe.utils.launch import current
 
-    value = os.environ.get("LOCAL_RANK", "")
-    return int(value) if value.isdigit() else rank()
+    return current().local_rank
 
 
 def world() -> tuple[int, int]:
