@@ -4,7 +4,6 @@ command line for the other ranks), a tiny random Llama for fast numeric checks, 
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 from processes import (
     REPO_ROOT,
     Run,
-    free_port,
     ftpipe_cmd,
     group_alive,
     kill_group,
@@ -25,13 +23,13 @@ from processes import (
 
 @pytest.fixture(scope="session")
 def train_runner(tmp_path_factory, alpaca_demo) -> Callable[..., Run]:
-    """``train_runner(name, overrides, timeout=..., torchrun_nodes=0)`` runs ``ftpipe train`` and returns a
-    Run; with ``torchrun_nodes=N`` it starts N torchrun launchers (one per simulated node).
+    """``train_runner(name, overrides, timeout=...)`` runs ``ftpipe train`` and returns a Run (the launchers of
+    the cluster engines: ``test_cluster_engines.py``).
     ``train_runner.together({name: overrides, ...}, timeout=...)`` starts independent runs at the same time
     (one's start-up overlaps the other's work) and returns their Runs by name."""
     base = tmp_path_factory.mktemp("train_runs")
 
-    def commands_of(name: str, overrides: dict[str, object], torchrun_nodes: int) -> tuple[list, Run]:
+    def commands_of(name: str, overrides: dict[str, object]) -> tuple[list, Run]:
         out = base / name
         values = {
             "dataset": str(alpaca_demo),
@@ -42,33 +40,11 @@ def train_runner(tmp_path_factory, alpaca_demo) -> Callable[..., Run]:
             **overrides,
         }
         log_path = out / "train"
-        if torchrun_nodes:
-            port = free_port()
-            commands = []
-            for node in range(torchrun_nodes):
-                launcher = [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nnodes",
-                    str(torchrun_nodes),
-                    "--nproc-per-node",
-                    "1",
-                    "--node-rank",
-                    str(node),
-                    "--master-addr",
-                    "127.0.0.1",
-                    "--master-port",
-                    str(port),
-                    "-m",
-                ]
-                commands.append(launcher + ftpipe_cmd(values)[2:])  # drop "python -m"
-        else:
-            commands = [ftpipe_cmd(values)]
+        commands = [ftpipe_cmd(values)]
         return commands, Run(out, _model_slug(str(values.get("hf_model_id", "embedded"))), log_path)
 
     def together(runs: dict[str, dict[str, object]], timeout: float = 300) -> dict[str, Run]:
-        planned = {name: commands_of(name, overrides, 0) for name, overrides in runs.items()}
+        planned = {name: commands_of(name, overrides) for name, overrides in runs.items()}
         commands = [cmd for cmds, _ in planned.values() for cmd in cmds]
         logs = [
             run.log_path.with_suffix(f".{i}.log") for cmds, run in planned.values() for i in range(len(cmds))
@@ -78,8 +54,8 @@ def train_runner(tmp_path_factory, alpaca_demo) -> Callable[..., Run]:
             assert code == 0, f"{name}: exit code {code}; log tail:\n{result.log()[-6000:]}"
         return {name: result for name, (_, result) in planned.items()}
 
-    def run(name: str, overrides: dict[str, object], timeout: float = 300, torchrun_nodes: int = 0) -> Run:
-        commands, result = commands_of(name, overrides, torchrun_nodes)
+    def run(name: str, overrides: dict[str, object], timeout: float = 300) -> Run:
+        commands, result = commands_of(name, overrides)
         codes = run_processes(commands, result.log_path, timeout)
         assert codes == [0] * len(commands), f"exit codes {codes}; log tail:\n{result.log()[-6000:]}"
         return result
