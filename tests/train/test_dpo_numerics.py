@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import TINY
 
 from ftpipe.model.checkpoint import read_checkpoint
 
@@ -44,26 +45,15 @@ def pairs_file(tmp_path_factory) -> Path:
 
 
 def tiny_dpo(pairs_file: Path, tiny_llama: Path) -> dict[str, object]:
+    """The tiny numerics runs' settings (``tiny_runs.TINY``) on preference pairs."""
     return {
+        **TINY,
         "objective": "dpo",
         "dpo_beta": 0.5,
         "dataset": str(pairs_file),
         "hf_model_id": str(tiny_llama),
         "max_samples": None,
-        "train_ratio": 0.5,  # 4 training pairs
-        "val_ratio": 0.375,  # 3 validation pairs: 2 ranks pad one, which must not count
-        "test_ratio": 0.125,
         "max_seq_length": 128,  # every pair fits one shared-prompt row (share_prompt auto)
-        "max_steps": 3,
-        "warmup_steps": 1,
-        "learning_rate": 1e-3,
-        "min_lr": 1e-4,
-        "val_check_interval": 2,
-        "limit_val_batches": None,
-        "lora_dropout": 0.0,
-        "precision": "32-true",
-        "gradient_clip_val": 0.05,  # below the gradient norms: clipping is active
-        "early_stopping_patience": 0,
         "activation_checkpointing": False,
     }
 
