@@ -23,11 +23,7 @@ def estimate(cfg: PipelineConfig) -> MemoryEstimate:
     if cfg.dist.plan_gpu:
         from ftpipe.estimate.scale import format_plan, scale_plan
 
-        t = cfg.train
-        micro_tokens = (
-            t.micro_batch_size * cfg.data.max_seq_length * (2 if cfg.objective.objective == "dpo" else 1)
-        )
-        print("\n".join(["", *format_plan(scale_plan(cfg), micro_tokens)]), flush=True)
+        print("\n".join(["", *format_plan(scale_plan(cfg))]), flush=True)
     log.info(
         "estimate: %.2f GiB per %s%s",
         result.total / GIB,

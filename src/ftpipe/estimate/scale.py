@@ -64,6 +64,7 @@ class ScalePlan:
     interconnect: Interconnect | None
     mfu: float
     flops_per_token: float
+    micro_tokens: int  # tokens per GPU and micro-batch
     rows: tuple[ScaleRow, ...]
 
 
@@ -126,27 +127,27 @@ def scale_plan(cfg: PipelineConfig) -> ScalePlan:
     ds, t = cfg.dist, cfg.train
     gpu = GPUS[ds.plan_gpu or "h100"]
     link = INTERCONNECTS[ds.interconnect] if ds.interconnect else None
-    rows = []
-    fpt = 0.0
     shape = model_shape(cfg)
+    # what does not depend on the number of nodes
+    pairs = cfg.objective.objective == "dpo"
+    reference_passes = 1 if pairs and cfg.objective.reference != "cached" else 0
+    matmul = shape.total_params - shape.embedding_params
+    # a trained embedding's gradient is a scatter-add, not a matmul
+    trainable = shape.trainable_params - (shape.embedding_params if cfg.model.finetuning == "full" else 0)
+    fpt = flops_per_token(
+        matmul,
+        trainable,
+        shape.num_layers,
+        shape.num_heads * shape.head_dim,
+        cfg.data.max_seq_length,
+        reference_passes,
+    )
+    micro_tokens = t.micro_batch_size * cfg.data.max_seq_length * (2 if pairs else 1)
+    rows = []
     for nodes in _nodes(t.num_nodes):
         layout_cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, num_nodes=nodes))
         memory = plan(layout_cfg, shape)
         precision = memory.target.precision
-        pairs = cfg.objective.objective == "dpo"
-        reference_passes = 1 if pairs and cfg.objective.reference != "cached" else 0
-        matmul = shape.total_params - shape.embedding_params
-        # a trained embedding's gradient is a scatter-add, not a matmul
-        trainable = shape.trainable_params - (shape.embedding_params if cfg.model.finetuning == "full" else 0)
-        fpt = flops_per_token(
-            matmul,
-            trainable,
-            shape.num_layers,
-            shape.num_heads * shape.head_dim,
-            cfg.data.max_seq_length,
-            reference_passes,
-        )
-        micro_tokens = t.micro_batch_size * cfg.data.max_seq_length * (2 if pairs else 1)
         tokens_gpu = micro_tokens * t.accumulate_grad_batches
         gpus = nodes * t.gpus_per_node if ds.strategy != "single" else 1
         compute_s = tokens_gpu * fpt / (gpu.peak_tflops * 1e12 * ds.plan_mfu)
@@ -191,16 +192,23 @@ def scale_plan(cfg: PipelineConfig) -> ScalePlan:
                 hybrid_comm_s=hybrid[0] / fast + hybrid[1] / slow,
             )
         )
-    return ScalePlan(gpu=gpu, interconnect=link, mfu=ds.plan_mfu, flops_per_token=fpt, rows=tuple(rows))
+    return ScalePlan(
+        gpu=gpu,
+        interconnect=link,
+        mfu=ds.plan_mfu,
+        flops_per_token=fpt,
+        micro_tokens=micro_tokens,
+        rows=tuple(rows),
+    )
 
 
-def format_plan(result: ScalePlan, micro_tokens: int) -> list[str]:
+def format_plan(result: ScalePlan) -> list[str]:
     """The plan as Markdown lines (the table ``ftpipe estimate`` prints)."""
     link = result.interconnect.name if result.interconnect else "none (one node)"
     lines = [
         f"Scale plan on {result.gpu.name} ({result.gpu.peak_tflops:g} TFLOP/s bf16 dense, "
         f"{result.gpu.intra_node_gbs:g} GB/s inside a node), interconnect {link}, MFU {result.mfu:.0%}; "
-        f"{result.flops_per_token / 1e9:.1f} GFLOP per token, {micro_tokens} tokens per GPU and micro-batch",
+        f"{result.flops_per_token / 1e9:.1f} GFLOP per token, {result.micro_tokens} tokens per GPU and micro-batch",
         "",
         "| nodes | GPUs | memory per GPU | fits | compute s/step | communication per GPU and step | "
         "communication s/step | step s | tokens/s | communication hidden | hidden from (tokens per micro-batch) |",

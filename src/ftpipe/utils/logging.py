@@ -6,14 +6,9 @@ import logging
 import sys
 from pathlib import Path
 
+from ftpipe.utils.world import global_rank  # re-exported: rank-aware logging asks world
+
 _FORMAT = "%(asctime)s %(levelname)s [%(name)s%(rank_tag)s] %(message)s"
-
-
-def global_rank() -> int:
-    """This process's global rank: from torch.distributed when initialised, else its launcher's."""
-    from ftpipe.utils.world import global_rank as rank
-
-    return rank()
 
 
 class _RankFilter(logging.Filter):
