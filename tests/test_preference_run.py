@@ -5,7 +5,8 @@
    held-out test prompts; the run's own evaluation reports the preference accuracy rising, the model card
    says how it was trained. (Shortened here; the full recipe's figures are in README.md.)
 2. ``sft_config``: one ``ftpipe run`` trains an SFT stage, then DPO continues its adapter with the SFT
-   model as the (cached) reference; running it again reuses the completed SFT stage.
+   model as the (cached) reference; running it again reuses the completed SFT stage. Each stage prepares
+   its data once (train, export and evaluate take the run's preparation, they do not prepare again).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from ftpipe.config import load_config, results_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "configs" / "dpo.yaml"
+
+
+def _preparations(log: str) -> list[str]:
+    """The lines of ``prepare_data`` in a run's log (one per call on rank 0)."""
+    return [line for line in log.splitlines() if "Prepared data (" in line]
 
 
 def _property():
@@ -126,6 +132,8 @@ def test_sft_then_dpo_in_one_run_reuses_a_completed_sft_stage(tmp_path, tiny_lla
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(dpo))
     run_ftpipe("run", ["--config", str(tmp_path / "dpo.yaml")], tmp_path / "run1.log", timeout=420)
     log = (tmp_path / "run1.log").read_text()
+    # one preparation per stage, counted by prepare_data's line: the SFT data, then the pairs
+    assert len(_preparations(log)) == 2, _preparations(log)
     assert "sft_config: training the SFT stage first" in log
     assert "init_adapter: continuing the LoRA adapter of" in log
     assert "reference: cached" in log and "computed and cached" in log
@@ -138,5 +146,7 @@ def test_sft_then_dpo_in_one_run_reuses_a_completed_sft_stage(tmp_path, tiny_lla
 
     run_ftpipe("run", ["--config", str(tmp_path / "dpo.yaml")], tmp_path / "run2.log", timeout=420)
     again = (tmp_path / "run2.log").read_text()
+    prepared = _preparations(again)  # the SFT stage is reused, not prepared: the pairs alone, as they were
+    assert len(prepared) == 1 and "Prepared data (reused)" in prepared[0], prepared
     assert "sft_config: reusing the completed SFT run's best checkpoint" in again
     assert "training the SFT stage first" not in again

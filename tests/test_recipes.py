@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from ftpipe.cli.main import parse
+from ftpipe.cli.main import build_parser, parse
 from ftpipe.model.lora import apply_lora
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -23,22 +23,28 @@ FAMILY = {
 }
 
 
+@pytest.fixture(scope="module")
+def cli_parser():
+    """The ``ftpipe`` parser, built once for this module's parsing tests."""
+    return build_parser()
+
+
 def test_the_recipes_are_there():
     assert set(FAMILY) <= {p.name for p in RECIPES}
     assert "demo.yaml" in {p.name for p in RECIPES}
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_recipe_parses_and_validates(path):
-    command, cfg = parse(["prepare", "--config", str(path)])
+def test_recipe_parses_and_validates(path, cli_parser):
+    command, cfg = parse(["prepare", "--config", str(path)], parser=cli_parser)
     assert command == "prepare"
     assert cfg.model.hf_model_id  # validated (parse raises ConfigError otherwise)
 
 
-@pytest.mark.timeout(30)
-def test_qwen3_recipe_keeps_the_original_design():
-    _, cfg = parse(["prepare", "--config", str(CONFIGS / "qwen3-8b-lora-fsdp.yaml")])
+@pytest.mark.timeout(60)
+def test_qwen3_recipe_keeps_the_original_design(cli_parser):
+    _, cfg = parse(["prepare", "--config", str(CONFIGS / "qwen3-8b-lora-fsdp.yaml")], parser=cli_parser)
     m, lo, d, t, ds = cfg.model, cfg.lora, cfg.data, cfg.train, cfg.dist
     assert (m.hf_model_id, m.finetuning, m.precision, m.trust_remote_code) == (
         "Qwen/Qwen3-8B",
@@ -76,11 +82,11 @@ def test_qwen3_recipe_keeps_the_original_design():
     assert (ds.limit_all_gathers, ds.sync_module_states, ds.use_orig_params) == (True, True, True)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("recipe", sorted(FAMILY))
-def test_recipe_lora_targets_exist_in_its_architecture(recipe):
+def test_recipe_lora_targets_exist_in_its_architecture(recipe, cli_parser):
     """A tiny random model of the recipe's family (no download) takes the recipe's LoRA targets."""
-    _, cfg = parse(["prepare", "--config", str(CONFIGS / recipe)])
+    _, cfg = parse(["prepare", "--config", str(CONFIGS / recipe)], parser=cli_parser)
     config = getattr(transformers, FAMILY[recipe])(
         hidden_size=64,
         intermediate_size=128,

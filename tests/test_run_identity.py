@@ -54,7 +54,7 @@ def _answers(model_path: str | Path, cfg) -> list[str]:
     return answers
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1320)
 def test_run_teaches_the_model_its_new_name(tmp_path, examples, run_ftpipe):
     identity = examples / "identity" / "identity.json"
     instructions = {row["instruction"].strip().lower() for row in json.loads(identity.read_text())}
@@ -69,7 +69,8 @@ def test_run_teaches_the_model_its_new_name(tmp_path, examples, run_ftpipe):
     for key, value in overrides.items():
         args += [f"--{key}", value]
     start = time.monotonic()
-    run_ftpipe("run", args, tmp_path / "run.log", timeout=840)
+    # about 7 min in a full test run: room for a machine twice as slow (or a second test run beside it)
+    run_ftpipe("run", args, tmp_path / "run.log", timeout=1260)
     elapsed = time.monotonic() - start
 
     cfg = load_config(CONFIG, **overrides)

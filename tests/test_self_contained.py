@@ -48,7 +48,7 @@ def test_no_file_of_the_project_refers_outside_the_repository():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1560)
 def test_the_demo_runs_in_a_fresh_checkout_with_nothing_beside_it(tmp_path):
     from transformers import AutoTokenizer
 
@@ -72,11 +72,13 @@ def test_the_demo_runs_in_a_fresh_checkout_with_nothing_beside_it(tmp_path):
     assert not [line for line in recipe if "pip install" in line], dry
 
     start = time.monotonic()
-    proc = subprocess.run(make, cwd=clone, env=env, capture_output=True, text=True, timeout=1100)
+    # about 340 s on an idle 2-core machine, 450 s in a full test run: the limits leave room for a machine
+    # twice as slow (or a second test run beside this one)
+    proc = subprocess.run(make, cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
     seconds = time.monotonic() - start
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-5000:]
-    assert seconds < 600, f"the demo took {seconds:.0f} s (about 340 s on this 2-core machine)"
+    assert seconds < 1200, f"the demo took {seconds:.0f} s (about 340 s on an idle 2-core machine)"
     report = json.loads(next((clone / "results").rglob("eval_report.json")).read_text())
     base, tuned = report["aggregates"]["base"], report["aggregates"]["finetuned"]
     detail = f"{seconds:.0f}s; base {base}; fine-tuned {tuned}"

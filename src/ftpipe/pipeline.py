@@ -5,6 +5,10 @@ launcher re-runs this very command line (``ftpipe run ...``) when ``trainer.fit`
 ``torchrun`` / SLURM every rank runs it. So every rank prepares (rank 0 does the work, the others
 reuse it) and trains; after training, every rank leaves the process group together, ranks other than 0
 return, and rank 0 exports and evaluates alone, once.
+
+One preparation per run: the data is prepared once, here, and the prepared data goes to training and
+evaluation, which prepare it themselves only when run on their own (``ftpipe train``, ``ftpipe
+evaluate``). With ``sft_config`` the SFT stage prepares its own (other) data, once.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from ftpipe.utils.launch import without_worker_variables
 from ftpipe.utils.logging import get_logger
 
 if TYPE_CHECKING:
+    from ftpipe.data.prepare import PreparedData
     from ftpipe.evaluate.evaluate import EvalResult
+    from ftpipe.train.run import TrainResult
 
 log = get_logger(__name__)
 
@@ -82,11 +88,12 @@ def run(cfg: PipelineConfig) -> RunResult | None:
 
         cfg = train_sft_first(cfg)
         seconds["sft"] = time.monotonic() - start
-    prepared = prepare_data(cfg)
-    seconds["prepare"] = time.monotonic() - start
+    mark = time.monotonic()
+    prepared = prepare_data(cfg)  # the one preparation of this run: every stage below takes it
+    seconds["prepare"] = time.monotonic() - mark
 
     mark = time.monotonic()
-    trained = train(cfg)
+    trained = train(cfg, prepared)
     seconds["train"] = time.monotonic() - mark
     if trained.rank != 0:
         log.info("training done on this rank; rank 0 exports and evaluates")
@@ -140,21 +147,26 @@ def finetuned_model_path(cfg: PipelineConfig) -> str:
     ).path
 
 
-def evaluate_model(cfg: PipelineConfig, finetuned_path: str | None = None) -> EvalResult:
+def evaluate_model(
+    cfg: PipelineConfig, finetuned_path: str | None = None, prepared: PreparedData | None = None
+) -> EvalResult:
     """``ftpipe evaluate``: the fine-tuned model against the base on the test split.
 
     The model is ``finetuned_path``, else the merged export (exported first when missing, after the
-    report folder, the data and its test split are checked); the export's model card gets the
-    evaluation table.
+    report folder, the device, the data and its test split are checked); the export's model card gets
+    the evaluation table. ``prepared``: ``cfg``'s prepared data when the caller has it (``ftpipe run``);
+    None: prepared (or found prepared) here, once.
     """
+    from ftpipe.evaluate.common import prepared_for_evaluation
     from ftpipe.evaluate.evaluate import evaluate, rows_to_score
     from ftpipe.export.card import update_evaluation
 
     cfg = validate_config(cfg)
+    prepared = prepared_for_evaluation(cfg, prepared)
     if finetuned_path is None:
-        rows_to_score(cfg)  # what would stop the evaluation stops it before an export is written
+        rows_to_score(cfg, prepared)  # what would stop the evaluation stops it before an export is written
         finetuned_path = finetuned_model_path(cfg)
-    result = evaluate(cfg, finetuned_path)
+    result = evaluate(cfg, finetuned_path, prepared)
     if Path(finetuned_path).is_dir():  # an export with its model card: the table goes in
         update_evaluation(
             finetuned_path, {"base": result.base, "finetuned": result.finetuned}, result.num_samples
@@ -163,7 +175,11 @@ def evaluate_model(cfg: PipelineConfig, finetuned_path: str | None = None) -> Ev
 
 
 def _export_and_evaluate(
-    cfg: PipelineConfig, prepared, trained, seconds: dict[str, float], start: float
+    cfg: PipelineConfig,
+    prepared: PreparedData,
+    trained: TrainResult,
+    seconds: dict[str, float],
+    start: float,
 ) -> RunResult:
     """Rank 0 after training: export the checkpoint, evaluate, log where everything is."""
     from ftpipe.export.export import export_model
@@ -180,7 +196,7 @@ def _export_and_evaluate(
     seconds["export"] = time.monotonic() - mark
 
     mark = time.monotonic()
-    evaluated = evaluate_model(cfg, None if exported.kind == "adapter" else exported.path)
+    evaluated = evaluate_model(cfg, None if exported.kind == "adapter" else exported.path, prepared)
     seconds["evaluate"] = time.monotonic() - mark
     report_files = [Path(evaluated.report_md), Path(evaluated.report_json), *map(Path, evaluated.plots)]
     log_evaluation(

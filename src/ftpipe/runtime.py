@@ -115,8 +115,25 @@ def flash_attn_available() -> bool:
     return True
 
 
-def select_attn_implementation(cfg: PipelineConfig, device_type: str, *, precision: str | None = None) -> str:
-    """Attention kernel: ``flash_attention_2`` when ``flash_attn`` imports and on CUDA, else ``sdpa``.
+def supports_sdpa(model_config) -> bool:
+    """True unless ``model_config``'s causal-LM class declares it has no sdpa attention (GPT-OSS: its
+    attention sinks); True for a configuration transformers does not map (a remote-code model decides)."""
+    if model_config is None:
+        return True
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    except KeyError:
+        return True
+    return bool(getattr(model_class, "_supports_sdpa", True))
+
+
+def select_attn_implementation(
+    cfg: PipelineConfig, device_type: str, *, precision: str | None = None, model_config=None
+) -> str:
+    """Attention kernel: ``flash_attention_2`` when ``flash_attn`` imports and on CUDA, else ``sdpa`` (``eager``
+    for a model class without sdpa attention, when its ``model_config`` is given).
 
     A configured value is used as is, except that ``flash_attention_2`` is refused (with what to do)
     where it cannot run: without the package, off CUDA, or in fp32.
@@ -148,5 +165,7 @@ def select_attn_implementation(cfg: PipelineConfig, device_type: str, *, precisi
     else:
         why = "not CUDA" if device_type != "cuda" else ("fp32" if not half else "flash_attn not installed")
         choice, reason = "sdpa", f"auto: {why}"
+        if not supports_sdpa(model_config):
+            choice, reason = "eager", f"auto: {why}, and {type(model_config).__name__} has no sdpa attention"
     log.info("attention: %s (%s)", choice, reason)
     return choice

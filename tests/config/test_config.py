@@ -107,7 +107,7 @@ def test_literal_braces_are_allowed_in_templates():
     validate_config(cfg)
 
 
-def test_cli_overrides_yaml(tmp_path: Path):
+def test_cli_overrides_yaml(tmp_path: Path, cli_parser):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("max_steps: 50\nlora_rank: 8\nlearning_rate: 2.0e-4\nhf_model_id: embedded\n")
     command, cfg = parse(
@@ -120,7 +120,8 @@ def test_cli_overrides_yaml(tmp_path: Path):
             "--warmup_steps",
             "2",
             "--lora_target_modules=[q_proj]",
-        ]
+        ],
+        parser=cli_parser,
     )
     assert command == "prepare"
     assert cfg.train.max_steps == 7  # the command line wins
@@ -131,13 +132,13 @@ def test_cli_overrides_yaml(tmp_path: Path):
     assert cfg.train.micro_batch_size == 2  # default untouched
 
 
-def test_cli_rejects_unknown_keys_and_bad_values(tmp_path: Path):
+def test_cli_rejects_unknown_keys_and_bad_values(tmp_path: Path, cli_parser):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_stepz: 5\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: max_stepz: unknown configuration field"):
-        parse(["prepare", "--config", str(bad)])
+        parse(["prepare", "--config", str(bad)], parser=cli_parser)
     with pytest.raises(ConfigError, match=r"strategy.*fsdp3.*\(see `ftpipe prepare --help`\)"):
-        parse(["prepare", "--strategy", "fsdp3"])
+        parse(["prepare", "--strategy", "fsdp3"], parser=cli_parser)
 
 
 def test_cli_validation_errors_exit_with_all_problems(capsys, caplog):
@@ -149,7 +150,7 @@ def test_cli_validation_errors_exit_with_all_problems(capsys, caplog):
     assert "lora_rank: 0" in caplog.text and "must sum to 1" in caplog.text
 
 
-def test_saved_config_loads_back_identically(tmp_path: Path):
+def test_saved_config_loads_back_identically(tmp_path: Path, cli_parser):
     cfg = PipelineConfig().replace(
         max_steps=300,
         hf_model_id="embedded",
@@ -160,7 +161,7 @@ def test_saved_config_loads_back_identically(tmp_path: Path):
     )
     path = save_config(cfg, tmp_path)
     assert load_config(path) == cfg
-    _, parsed = parse(["prepare", "--config", str(path)])
+    _, parsed = parse(["prepare", "--config", str(path)], parser=cli_parser)
     assert parsed == cfg
 
 
@@ -240,17 +241,15 @@ def test_console_command_exits_zero_on_success_and_two_on_user_errors(alpaca_dem
         (["--merge"], True),
     ],
 )
-def test_boolean_fields_take_flag_and_no_flag_forms(argv, expected):
-    _, cfg = parse(["prepare", *argv])
+def test_boolean_fields_take_flag_and_no_flag_forms(argv, expected, cli_parser):
+    _, cfg = parse(["prepare", *argv], parser=cli_parser)
     assert cfg.export.merge is expected
-    _, cfg = parse(["prepare", "--no_activation_checkpointing", "--trust_remote_code"])
+    _, cfg = parse(["prepare", "--no_activation_checkpointing", "--trust_remote_code"], parser=cli_parser)
     assert cfg.dist.activation_checkpointing is False and cfg.model.trust_remote_code is True
 
 
-def test_resume_is_short_for_resume_from_checkpoint():
-    from ftpipe.cli.main import parse
-
-    _, cfg = parse(["train", "--resume", "auto"])
+def test_resume_is_short_for_resume_from_checkpoint(cli_parser):
+    _, cfg = parse(["train", "--resume", "auto"], parser=cli_parser)
     assert cfg.train.resume_from_checkpoint == "auto"
-    _, cfg = parse(["train", "--resume_from_checkpoint", "/x/last.ckpt"])
+    _, cfg = parse(["train", "--resume_from_checkpoint", "/x/last.ckpt"], parser=cli_parser)
     assert cfg.train.resume_from_checkpoint == "/x/last.ckpt"

@@ -22,17 +22,17 @@ def _file(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize(
     "text", ["", "\n\n", "# max_steps: 5\n", "---\n"], ids=["empty", "blank", "comments", "marker"]
 )
-def test_an_empty_file_is_one_message_naming_it(tmp_path, text):
+def test_an_empty_file_is_one_message_naming_it(tmp_path, text, cli_parser):
     path = _file(tmp_path, text)
     with pytest.raises(ConfigError, match=r"c\.yaml is empty \(or holds only comments\)"):
         read_config_file(path)
     with pytest.raises(ConfigError, match=r"c\.yaml is empty"):
-        parse(["prepare", "--config", str(path)])
+        parse(["prepare", "--config", str(path)], parser=cli_parser)
     assert read_config_file(_file(tmp_path, "{}\n")) == {}  # an explicit empty mapping sets nothing
 
 
 @pytest.mark.timeout(60)
-def test_merge_keys_give_defaults_that_the_mapping_overrides(tmp_path):
+def test_merge_keys_give_defaults_that_the_mapping_overrides(tmp_path, cli_parser):
     path = _file(
         tmp_path,
         "datasets:\n"
@@ -49,7 +49,7 @@ def test_merge_keys_give_defaults_that_the_mapping_overrides(tmp_path):
         "input_template": "Q: {instruction}",
         "name": "b",
     }
-    _, cfg = parse(["prepare", "--config", str(path)])
+    _, cfg = parse(["prepare", "--config", str(path)], parser=cli_parser)
     assert [e.dataset for e in cfg.data.datasets] == ["a.jsonl", "b.jsonl"]
     assert cfg.data.datasets[1].input_template == "Q: {instruction}"
 
@@ -66,22 +66,22 @@ def test_a_key_given_twice_beside_a_merge_is_still_refused(tmp_path):
     ("text", "value"),
     [("1e-4", 1e-4), ("1E-4", 1e-4), ("2.0e5", 2.0e5), ("'3e-5'", 3e-5), ("+5e-1", 0.5), (".5e-3", 0.5e-3)],
 )
-def test_number_fields_take_numbers_yaml_reads_as_text_like_their_flags(tmp_path, text, value):
+def test_number_fields_take_numbers_yaml_reads_as_text_like_their_flags(tmp_path, text, value, cli_parser):
     path = _file(tmp_path, f"learning_rate: {text}\ndatasets:\n  - {{dataset: a.jsonl, weight: {text}}}\n")
     cfg = load_config(path)
     assert cfg.train.learning_rate == pytest.approx(value)
     assert cfg.data.datasets[0].weight == pytest.approx(value)
-    _, from_cli = parse(["prepare", "--config", str(path)])
-    _, from_flag = parse(["prepare", "--learning_rate", text.strip("'")])
+    _, from_cli = parse(["prepare", "--config", str(path)], parser=cli_parser)
+    _, from_flag = parse(["prepare", "--learning_rate", text.strip("'")], parser=cli_parser)
     assert from_cli.train.learning_rate == from_flag.train.learning_rate == pytest.approx(value)
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("text", ["fast", "1e-4x", "nan", "1,5", "'1e-4 per step'"])
-def test_number_fields_still_refuse_text(tmp_path, text):
+def test_number_fields_still_refuse_text(tmp_path, text, cli_parser):
     path = _file(tmp_path, f"learning_rate: {text}\n")
     with pytest.raises(ConfigError, match=r"learning_rate: expected a number, got text"):
-        parse(["prepare", "--config", str(path)])
+        parse(["prepare", "--config", str(path)], parser=cli_parser)
 
 
 @pytest.mark.timeout(60)

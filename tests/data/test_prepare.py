@@ -164,6 +164,23 @@ def test_changed_source_is_prepared_again(tmp_path, caplog):
     assert "the source changed since it was prepared" in caplog.text
 
 
+def test_changed_row_code_is_prepared_again(tmp_path, monkeypatch, caplog):
+    """Prepared rows are keyed by the code that reads them too: a newer version (one that keeps rows an
+    older one dropped) prepares again into the same folder instead of reusing the older splits."""
+    import ftpipe.data.prepare as prepare_module
+
+    path = write_jsonl(tmp_path / "d.jsonl", [ROW] * 20)
+    first = prepare_data(config(path, tmp_path / "out"))
+    assert prepare_data(config(path, tmp_path / "out")).reused
+    assert len(prepare_module.row_code_digest()) == 12
+    monkeypatch.setattr(prepare_module, "row_code_digest", lambda: "another-code")
+    with caplog.at_level("INFO", logger="ftpipe"):
+        second = prepare_data(config(path, tmp_path / "out"))
+    assert second.folder == first.folder and not second.reused
+    assert "the prepare settings changed" in caplog.text
+    assert manifest(second)["settings"]["row_code"] == "another-code"
+
+
 def test_interrupted_preparation_is_redone(alpaca_demo, tmp_path):
     done = prepare_data(config(alpaca_demo, tmp_path))
     (done.folder / ".data_ready").unlink()
@@ -184,7 +201,9 @@ def test_other_rank_times_out_with_a_clear_error(alpaca_demo, tmp_path, monkeypa
     start = time.monotonic()
     with pytest.raises(PrepareTimeoutError) as err:
         prepare_data(cfg)
-    assert time.monotonic() - start < 3
+    # prepare_timeout_s ends the wait, not its default of an hour; the first call also imports the data
+    # stack (3.2 s on the 2 shared cores under load, where a bound of 3 s failed)
+    assert 0.3 <= time.monotonic() - start < 30
     message = str(err.value)
     assert message.startswith("rank 1: waited 0.3 s for rank 0")
     assert str(tmp_path / dataset_slug(str(alpaca_demo)) / "default") in message
@@ -364,7 +383,9 @@ def test_hub_id_offline_is_an_immediate_clear_error(tmp_path, monkeypatch):
     start = time.monotonic()
     with pytest.raises(DataError, match=r"hub is offline \(HF_HUB_OFFLINE=1\).*point --dataset at it"):
         prepare_data(config("cognitivecomputations/dolphin", tmp_path))
-    assert time.monotonic() - start < 5
+    # no request waits on the hub client's timeouts; the first call imports the data stack (3.4 s on the
+    # 2 shared cores under load)
+    assert time.monotonic() - start < 30
 
 
 @pytest.mark.distributed
@@ -378,7 +399,7 @@ def test_only_rank_0_prepares_while_rank_1_waits(alpaca_demo, tmp_path, monkeypa
         [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # its imports: 5 s on the 2 shared cores under load
         while not started.exists() and time.monotonic() < deadline and waiting.poll() is None:
             time.sleep(0.05)
         time.sleep(0.5)
@@ -386,7 +407,7 @@ def test_only_rank_0_prepares_while_rank_1_waits(alpaca_demo, tmp_path, monkeypa
         assert not any((tmp_path / "out").rglob("*.jsonl"))
         monkeypatch.delenv("RANK", raising=False)
         mine = prepare_data(config(alpaca_demo, tmp_path / "out"))
-        out, err = waiting.communicate(timeout=30)
+        out, err = waiting.communicate(timeout=120)
     finally:
         waiting.kill()
     assert waiting.returncode == 0, err

@@ -128,3 +128,38 @@ def test_a_large_split_is_tokenized_by_several_processes_and_read_back_whole(
     expected = [one[i] for i in range(len(one))]
     assert [leader[i] for i in range(len(leader))] == expected
     assert [follower[i] for i in range(len(follower))] == expected
+
+
+@pytest.mark.timeout(120)
+def test_the_cache_key_follows_what_the_fields_declare(tmp_path, tokenizer):
+    """Data fields declared PREPARED or TOKENIZED move the key, the others leave it; the tokenizer's own
+    fields (TOKENIZER: model id, chat template) reach it through the tokenizer."""
+    import copy
+    import dataclasses
+
+    from ftpipe.config.schema import PREPARED, TOKENIZED, fields_affecting
+
+    rows = dataset_module.load_jsonl_rows(_write(tmp_path), str(tmp_path / "cache"))
+    base = DataConfig(max_seq_length=32)
+
+    def key(tok=tokenizer, **changes):
+        return dataset_module._tokenized_cache(rows, tok, dataclasses.replace(base, **changes), 32, "code")
+
+    keyed = fields_affecting(DataConfig, PREPARED, TOKENIZED)
+    assert {"max_seq_length", "system_prompt", "use_chat_template", "reasoning", "split_seed"} <= set(keyed)
+    moved = {
+        "system_prompt": "Be brief.",
+        "use_chat_template": True,
+        "reasoning": "drop",
+        "max_seq_length": 64,
+        "split_seed": 7,
+        "dataset_split": "validation",
+    }
+    kept = {"packing": True, "num_workers": 0, "pad_to_multiple_of": 8, "group_by_length": True}
+    assert all(key(**{name: value}) != key() for name, value in moved.items())
+    assert all(key(**{name: value}) == key() for name, value in kept.items())
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = "{{ messages }}"
+    renamed = copy.deepcopy(tokenizer)
+    renamed.name_or_path = "org/another-model"
+    assert key(templated) != key() and key(renamed) != key() and key(copy.deepcopy(tokenizer)) == key()

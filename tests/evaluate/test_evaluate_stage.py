@@ -72,7 +72,8 @@ def _fake_run(cfg: PipelineConfig, model_path: Path, scale: float) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_evaluate_writes_a_side_by_side_report(tmp_path, alpaca_demo, tiny_llama):
+def test_evaluate_writes_a_side_by_side_report(tmp_path, alpaca_demo, tiny_llama, monkeypatch):
+    from ftpipe.data import prepare
     from ftpipe.data.prepare import read_jsonl
     from ftpipe.evaluate.generate import build_prompts
     from ftpipe.model.tokenizer import load_tokenizer
@@ -81,7 +82,11 @@ def test_evaluate_writes_a_side_by_side_report(tmp_path, alpaca_demo, tiny_llama
     tiny = tiny_llama
     cfg = _cfg(tmp_path, str(tiny), alpaca_demo, eval_backend="transformers")
     _fake_run(cfg, tiny, scale=0.3)
+    preparations = []
+    real_prepare = prepare.prepare_data
+    monkeypatch.setattr(prepare, "prepare_data", lambda c: preparations.append(c) or real_prepare(c))
     result = evaluate_model(cfg)
+    assert len(preparations) == 1  # checked before the export, scored after it: prepared once
 
     report = json.loads(Path(result.report_json).read_text())
     eval_folder = results_root(cfg) / "eval"

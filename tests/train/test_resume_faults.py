@@ -196,16 +196,23 @@ def test_killed_rank_under_torchrun_restarts_and_finishes(tmp_path, tiny_llama, 
     assert read_checkpoint(final).global_step == 8
 
 
-@pytest.mark.timeout(300)
+#: The hung-rank test's process_group_timeout_s. The same timeout bounds the group's rendezvous, which waits
+#: for the re-run rank 1 to import the whole stack: up to 23 s on the 2 shared cores under load (15 s failed
+#: there); 90 s leaves room for a machine twice as slow.
+HANG_TIMEOUT_S = 90
+
+
+@pytest.mark.timeout(600)
 def test_a_hung_rank_fails_the_job_with_a_message_naming_it(tmp_path, tiny_llama, alpaca_demo, start_train):
-    args = _args(tmp_path, tiny_llama, alpaca_demo, "hang", strategy="fsdp2", process_group_timeout_s=15)
-    started = time.monotonic()
+    args = _args(
+        tmp_path, tiny_llama, alpaca_demo, "hang", strategy="fsdp2", process_group_timeout_s=HANG_TIMEOUT_S
+    )
     job = start_train({**args, "hang_rank": 1, "hang_at_step": 3}, tmp_path / "hang.log")
-    code = job.wait(timeout=240)
+    # exit status 2 within the wait: the group's timeout ended the job (a wait that runs out gives None)
+    code = job.wait(timeout=HANG_TIMEOUT_S + 420)
     log = job.log()
     assert code == 2, f"exit {code}; log tail:\n{log[-5000:]}"
-    assert time.monotonic() - started < 200  # the timeout ends it, not the test's limit
-    assert "timed out after process_group_timeout_s=15 s: rank(s) 1 stopped responding" in log
+    assert f"timed out after process_group_timeout_s={HANG_TIMEOUT_S} s: rank(s) 1 stopped responding" in log
     assert "rank 1: step 3" in log and "rank 0: step 3" in log
 
 

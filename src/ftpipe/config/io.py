@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from ftpipe.config.schema import SECTIONS, PipelineConfig
-from ftpipe.config.types import numbers_from_text
+from ftpipe.config.types import given_forms
 
 CONFIG_FILENAME = "config.yaml"
 
@@ -76,7 +76,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     missing, not UTF-8 text, not valid YAML, empty, not a mapping, or gives a key twice.
 
     Merge keys (``<<: *anchor``) are YAML's own; a number field given text that reads as a number (YAML
-    1.1 reads ``1e-4`` as text) gets the number, as its flag would.
+    1.1 reads ``1e-4`` as text) gets the number, as its flag would; a list field given one plain value
+    gets the list of that value (``lora_target_modules: all-linear``), as its flag would.
     """
     from ftpipe.config.validate import ConfigError
 
@@ -114,7 +115,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     bad_keys = [k for k in loaded if not isinstance(k, str)]
     if bad_keys:
         raise ConfigError([f"--config: {path}: key {k!r} is not a field name" for k in bad_keys])
-    return numbers_from_text(loaded)
+    return given_forms(loaded)
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> PipelineConfig:

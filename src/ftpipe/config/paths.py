@@ -7,6 +7,10 @@ Prepared data: ``<data_dir>/<dataset id as folders>/<subset>/train=90%-val=5%-te
 (template, mapping, converter, seed, subset size, a preference ``objective``, ...), so a changed
 configuration prepares again into its own folder. Results:
 ``<results_dir>/<model id as folders>/{checkpoints,tb_logs}``.
+
+Which settings change the prepared rows (and the tokenized samples) is not listed here: every
+configuration field declares it in its metadata (:func:`ftpipe.config.schema.affects`), and the keys of
+both caches are derived from those declarations (:func:`prepare_settings`, :func:`tokenize_settings`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ import os
 import re
 from pathlib import Path
 
-from ftpipe.config.schema import EMBEDDED_MODEL, DataConfig, PipelineConfig
+from ftpipe.config.schema import (
+    EMBEDDED_MODEL,
+    PREPARED,
+    TOKENIZED,
+    DataConfig,
+    PipelineConfig,
+    fields_affecting,
+)
 
 #: Hub id of the model that ``hf_model_id: embedded`` stands for.
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -27,23 +38,12 @@ LOCAL_DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt"}
 
 #: The objective whose prepared rows are keyed as they were before objectives existed.
 DEFAULT_OBJECTIVE = "sft"
-#: DataConfig fields that change the prepared rows (the ratios and the source are in the path itself).
-PREPARE_FIELDS = (
-    "dataset_split",
-    "data_format",
-    "converter",
-    "allow_empty_prompt",
-    "input_template",
-    "input_template_no_input",
-    "output_template",
-    "field_mapping",
-    "optional_fields",
-    "split_seed",
-    "max_samples",
-    "on_bad_row",
-    "text_replacements",
-    "datasets",
-)
+#: The prepared-data fields that the folder path itself names (the source, its subset, the split ratios);
+#: they enter the prepare settings in a form of their own (``dataset``, ``dataset_subset``, ``ratios``).
+PATH_FIELDS = ("dataset", "dataset_subset", "train_ratio", "val_ratio", "test_ratio")
+#: Every other DataConfig field declared ``PREPARED`` (in declaration order): hashed into the ``-cfg<hash>``
+#: suffix of the folder when one differs from its default, and into the manifest's settings.
+PREPARE_FIELDS = tuple(name for name in fields_affecting(DataConfig, PREPARED) if name not in PATH_FIELDS)
 
 
 def looks_local(source: str) -> bool:
@@ -117,8 +117,8 @@ def _objective_settings(objective: str) -> dict:
 
 
 def prepare_settings(data: DataConfig, objective: str = DEFAULT_OBJECTIVE) -> dict:
-    """The settings that determine the prepared rows (hashed into the manifest and the folder);
-    ``objective`` is ``cfg.objective.objective``."""
+    """The settings that determine the prepared rows (hashed into the manifest; all but the path's own in
+    the folder name): every field declared ``PREPARED``; ``objective`` is ``cfg.objective.objective``."""
     values = dataclasses.asdict(data)
     return {
         "dataset": None if data.datasets else data.dataset,
@@ -127,6 +127,14 @@ def prepare_settings(data: DataConfig, objective: str = DEFAULT_OBJECTIVE) -> di
         **{k: values[k] for k in PREPARE_FIELDS},
         **_objective_settings(objective),
     }
+
+
+def tokenize_settings(data: DataConfig) -> dict:
+    """The data settings that determine the tokenized samples (part of the tokenization cache key): every
+    DataConfig field declared ``PREPARED`` or ``TOKENIZED``, by name. The tokenizer and its chat template
+    (fields declared ``TOKENIZER``) enter that key through the loaded tokenizer itself."""
+    values = dataclasses.asdict(data)
+    return {name: values[name] for name in fields_affecting(DataConfig, PREPARED, TOKENIZED)}
 
 
 def settings_hash(settings: dict) -> str:

@@ -42,6 +42,7 @@ RESUME_FIELDS = (
     "lora_rank",
     "lora_alpha",
     "lora_target_modules",
+    "lora_target_experts",
     "use_dora",
     "use_rslora",
     "modules_to_save",

@@ -4,6 +4,12 @@ The configuration is split into small keyword-only sections (model, LoRA, data, 
 distribution). Every field name is unique across sections, so the whole configuration is also a
 flat mapping: the same names work as flat CLI flags (``--max_steps 5``) and as flat YAML keys, as
 in the original design. ``PipelineConfig.from_flat`` / ``to_flat`` convert between the two views.
+
+Every field also declares, in its metadata, which cached data its value changes
+(``field(default=..., metadata=affects(PREPARED))``): the prepared rows, the tokenized samples, the
+tokenizer, or neither. The cache keys are derived from these declarations (``ftpipe.config.paths``), so
+a new field is part of the right keys as soon as it is declared, and a field that declares nothing is
+an error where the keys are derived.
 """
 
 from __future__ import annotations
@@ -34,6 +40,48 @@ ShardingStrategy = Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SH
 PlanGpu = Literal["a100-40gb", "a100-80gb", "h100", "h200", "b200", "l40s", "l4"]
 InterconnectName = Literal["ib-ndr", "ib-hdr", "efa-p5", "efa-p4d", "ethernet-100", "ethernet-25"]
 
+#: Which cached data a field's value changes (declared by each field: ``metadata=affects(...)``).
+CacheEffect = Literal["prepared", "tokenized", "tokenizer", "neither"]
+#: The prepared rows (and so the tokenized samples too): part of the prepared-data key and the tokenization key.
+PREPARED: CacheEffect = "prepared"
+#: The tokenized samples but not the prepared rows: part of the tokenization key.
+TOKENIZED: CacheEffect = "tokenized"
+#: Which tokenizer (or chat template) encodes: the tokenization key covers it through the loaded tokenizer
+#: itself (its vocabulary, special tokens and chat template), not through the field's value.
+TOKENIZER: CacheEffect = "tokenizer"
+#: No cached data (training, evaluation, export, where files are kept, ...).
+NEITHER: CacheEffect = "neither"
+#: The metadata key of the declaration.
+CACHE_METADATA = "cache"
+
+
+def affects(effect: CacheEffect) -> dict[str, CacheEffect]:
+    """Field metadata declaring which cached data the field's value changes: ``PREPARED``, ``TOKENIZED``,
+    ``TOKENIZER`` or ``NEITHER``."""
+    if effect not in (PREPARED, TOKENIZED, TOKENIZER, NEITHER):
+        raise ValueError(
+            f"unknown cache effect {effect!r} (one of {PREPARED}, {TOKENIZED}, {TOKENIZER}, {NEITHER})"
+        )
+    return {CACHE_METADATA: effect}
+
+
+def cache_effect(cls: type, name: str) -> CacheEffect:
+    """What field ``name`` of the section ``cls`` declares it changes; a TypeError naming the field when it
+    declares nothing."""
+    fld = {f.name: f for f in dataclasses.fields(cls)}[name]
+    effect = fld.metadata.get(CACHE_METADATA)
+    if effect is None:
+        raise TypeError(
+            f"{cls.__name__}.{name} declares no cache effect: declare it as field(default=..., "
+            "metadata=affects(PREPARED | TOKENIZED | TOKENIZER | NEITHER)) in ftpipe/config/schema.py"
+        )
+    return effect
+
+
+def fields_affecting(cls: type, *effects: CacheEffect) -> tuple[str, ...]:
+    """The names of the fields of ``cls`` (in declaration order) that declare one of ``effects``."""
+    return tuple(f.name for f in dataclasses.fields(cls) if cache_effect(cls, f.name) in effects)
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -56,14 +104,16 @@ class ModelConfig:
             ``<think>`` traces); unset: the tokenizer's own.
     """
 
-    hf_model_id: str = "Qwen/Qwen3-8B"
-    trust_remote_code: bool = False
-    model_cache_dir: str | None = None
-    finetuning: Literal["lora", "full"] = "lora"
-    precision: Precision = "auto"
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    decoder_layer_cls: str | None = None
-    chat_template: str | None = None
+    hf_model_id: str = field(default="Qwen/Qwen3-8B", metadata=affects(TOKENIZER))
+    trust_remote_code: bool = field(default=False, metadata=affects(TOKENIZER))
+    model_cache_dir: str | None = field(default=None, metadata=affects(NEITHER))
+    finetuning: Literal["lora", "full"] = field(default="lora", metadata=affects(NEITHER))
+    precision: Precision = field(default="auto", metadata=affects(NEITHER))
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = field(
+        default="auto", metadata=affects(NEITHER)
+    )
+    decoder_layer_cls: str | None = field(default=None, metadata=affects(NEITHER))
+    chat_template: str | None = field(default=None, metadata=affects(TOKENIZER))
 
 
 @dataclass(kw_only=True)
@@ -75,7 +125,11 @@ class LoraConfig:
         lora_alpha: scaling numerator (the update is scaled by alpha / r).
         lora_dropout: dropout on the adapter input, in [0, 1).
         lora_target_modules: names of the linear modules that get adapters; ``[all-linear]``: every linear
-            layer but the output layer (PEFT's ``all-linear``).
+            layer but the output layer (PEFT's ``all-linear``; on a mixture-of-experts model the experts' weights
+            too). The default (``q_proj`` ... ``down_proj``) adapts to the model: those names where it has them
+            all, else the linear layers of its decoder blocks, else PEFT's names for its model type (logged).
+        lora_target_experts: adapters on the stacked expert weights of a mixture-of-experts model too (PEFT's
+            ``target_parameters``; PEFT has no dropout for them, ``lora_dropout`` stays on the linear adapters).
         use_dora: weight-decomposed LoRA (DoRA): a trained magnitude per output beside the low-rank direction.
         use_rslora: rank-stabilised LoRA: the update is scaled by alpha / sqrt(r) instead of alpha / r.
         init_lora_weights: adapter initialisation: ``default`` (B = 0, A Kaiming-uniform), ``gaussian``,
@@ -86,15 +140,20 @@ class LoraConfig:
         load_in_4bit: QLoRA: the frozen base weights in 4-bit NF4 through bitsandbytes (CUDA GPUs only).
     """
 
-    lora_rank: int = 32
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    use_dora: bool = False
-    use_rslora: bool = False
-    init_lora_weights: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = "default"
-    modules_to_save: list[str] | None = None
-    load_in_4bit: bool = False
+    lora_rank: int = field(default=32, metadata=affects(NEITHER))
+    lora_alpha: int = field(default=32, metadata=affects(NEITHER))
+    lora_dropout: float = field(default=0.1, metadata=affects(NEITHER))
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS), metadata=affects(NEITHER)
+    )
+    lora_target_experts: bool = field(default=False, metadata=affects(NEITHER))
+    use_dora: bool = field(default=False, metadata=affects(NEITHER))
+    use_rslora: bool = field(default=False, metadata=affects(NEITHER))
+    init_lora_weights: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = field(
+        default="default", metadata=affects(NEITHER)
+    )
+    modules_to_save: list[str] | None = field(default=None, metadata=affects(NEITHER))
+    load_in_4bit: bool = field(default=False, metadata=affects(NEITHER))
 
 
 DataFormat = Literal["auto", "alpaca", "messages", "sharegpt"]
@@ -203,39 +262,40 @@ class DataConfig:
             one, rendered the way the template renders it at inference with ``enable_thinking=False``).
     """
 
-    dataset: str = "cognitivecomputations/dolphin"
-    dataset_subset: str | None = "flan1m-alpaca-uncensored"
-    dataset_split: str = "train"
-    data_dir: str = "datasets"
-    prepared_dir: str | None = None
-    prepare_per_node: bool = False
-    data_format: DataFormat = "auto"
-    converter: str | None = None
-    allow_empty_prompt: bool = False
-    input_template: str = ALPACA_PROMPT
-    input_template_no_input: str | None = ALPACA_PROMPT_NO_INPUT
-    output_template: str = "{output}"
+    dataset: str = field(default="cognitivecomputations/dolphin", metadata=affects(PREPARED))
+    dataset_subset: str | None = field(default="flan1m-alpaca-uncensored", metadata=affects(PREPARED))
+    dataset_split: str = field(default="train", metadata=affects(PREPARED))
+    data_dir: str = field(default="datasets", metadata=affects(NEITHER))
+    prepared_dir: str | None = field(default=None, metadata=affects(NEITHER))
+    prepare_per_node: bool = field(default=False, metadata=affects(NEITHER))
+    data_format: DataFormat = field(default="auto", metadata=affects(PREPARED))
+    converter: str | None = field(default=None, metadata=affects(PREPARED))
+    allow_empty_prompt: bool = field(default=False, metadata=affects(PREPARED))
+    input_template: str = field(default=ALPACA_PROMPT, metadata=affects(PREPARED))
+    input_template_no_input: str | None = field(default=ALPACA_PROMPT_NO_INPUT, metadata=affects(PREPARED))
+    output_template: str = field(default="{output}", metadata=affects(PREPARED))
     field_mapping: dict[str, str] = field(
-        default_factory=lambda: {"instruction": "instruction", "input": "input", "output": "output"}
+        default_factory=lambda: {"instruction": "instruction", "input": "input", "output": "output"},
+        metadata=affects(PREPARED),
     )
-    optional_fields: list[str] = field(default_factory=lambda: ["input"])
-    system_prompt: str | None = None
-    use_chat_template: bool = False
-    train_ratio: float = 0.90
-    val_ratio: float = 0.05
-    test_ratio: float = 0.05
-    split_seed: int = 42
-    max_samples: int | None = None
-    on_bad_row: Literal["skip", "fail"] = "skip"
-    prepare_timeout_s: float = 3600.0
-    max_seq_length: int = 2048
-    pad_to_multiple_of: int | None = None
-    packing: bool = False
-    group_by_length: bool = False
-    num_workers: int = 2
-    text_replacements: dict[str, str] = field(default_factory=dict)
-    datasets: list[DatasetEntry] | None = None
-    reasoning: Literal["train", "drop", "empty_think"] = "train"
+    optional_fields: list[str] = field(default_factory=lambda: ["input"], metadata=affects(PREPARED))
+    system_prompt: str | None = field(default=None, metadata=affects(TOKENIZED))
+    use_chat_template: bool = field(default=False, metadata=affects(TOKENIZED))
+    train_ratio: float = field(default=0.90, metadata=affects(PREPARED))
+    val_ratio: float = field(default=0.05, metadata=affects(PREPARED))
+    test_ratio: float = field(default=0.05, metadata=affects(PREPARED))
+    split_seed: int = field(default=42, metadata=affects(PREPARED))
+    max_samples: int | None = field(default=None, metadata=affects(PREPARED))
+    on_bad_row: Literal["skip", "fail"] = field(default="skip", metadata=affects(PREPARED))
+    prepare_timeout_s: float = field(default=3600.0, metadata=affects(NEITHER))
+    max_seq_length: int = field(default=2048, metadata=affects(TOKENIZED))
+    pad_to_multiple_of: int | None = field(default=None, metadata=affects(NEITHER))
+    packing: bool = field(default=False, metadata=affects(NEITHER))
+    group_by_length: bool = field(default=False, metadata=affects(NEITHER))
+    num_workers: int = field(default=2, metadata=affects(NEITHER))
+    text_replacements: dict[str, str] = field(default_factory=dict, metadata=affects(PREPARED))
+    datasets: list[DatasetEntry] | None = field(default=None, metadata=affects(PREPARED))
+    reasoning: Literal["train", "drop", "empty_think"] = field(default="train", metadata=affects(TOKENIZED))
 
     def __post_init__(self) -> None:
         if isinstance(self.datasets, list):  # anything else is reported by validation, naming the field
@@ -309,38 +369,38 @@ class TrainConfig:
         wandb_mode: ``offline`` (no account or network needed; ``wandb sync`` uploads later) or ``online``.
     """
 
-    results_dir: str = "results"
-    num_nodes: int = 1
-    gpus_per_node: int = 8
-    max_steps: int = 10000
-    micro_batch_size: int = 2
-    accumulate_grad_batches: int = 4
-    learning_rate: float = 1e-5
-    warmup_steps: int = 100
-    min_lr: float = 1e-7
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.01
-    gradient_clip_val: float = 1.0
-    val_check_interval: int = 100
-    limit_val_batches: int | None = None
-    early_stopping_patience: int = 3
-    early_stopping_min_delta: float = 0.001
-    seed: int = 42
-    log_every_n_steps: int = 1
-    profile_dir: str | None = None
-    peak_tflops_per_device: float | None = None
-    resume_from_checkpoint: str | None = None
-    loss_chunk_size: int = 256
-    max_nonfinite_steps: int = 3
-    checkpoint_dir: str | None = None
+    results_dir: str = field(default="results", metadata=affects(NEITHER))
+    num_nodes: int = field(default=1, metadata=affects(NEITHER))
+    gpus_per_node: int = field(default=8, metadata=affects(NEITHER))
+    max_steps: int = field(default=10000, metadata=affects(NEITHER))
+    micro_batch_size: int = field(default=2, metadata=affects(NEITHER))
+    accumulate_grad_batches: int = field(default=4, metadata=affects(NEITHER))
+    learning_rate: float = field(default=1e-5, metadata=affects(NEITHER))
+    warmup_steps: int = field(default=100, metadata=affects(NEITHER))
+    min_lr: float = field(default=1e-7, metadata=affects(NEITHER))
+    adam_beta1: float = field(default=0.9, metadata=affects(NEITHER))
+    adam_beta2: float = field(default=0.95, metadata=affects(NEITHER))
+    weight_decay: float = field(default=0.01, metadata=affects(NEITHER))
+    gradient_clip_val: float = field(default=1.0, metadata=affects(NEITHER))
+    val_check_interval: int = field(default=100, metadata=affects(NEITHER))
+    limit_val_batches: int | None = field(default=None, metadata=affects(NEITHER))
+    early_stopping_patience: int = field(default=3, metadata=affects(NEITHER))
+    early_stopping_min_delta: float = field(default=0.001, metadata=affects(NEITHER))
+    seed: int = field(default=42, metadata=affects(NEITHER))
+    log_every_n_steps: int = field(default=1, metadata=affects(NEITHER))
+    profile_dir: str | None = field(default=None, metadata=affects(NEITHER))
+    peak_tflops_per_device: float | None = field(default=None, metadata=affects(NEITHER))
+    resume_from_checkpoint: str | None = field(default=None, metadata=affects(NEITHER))
+    loss_chunk_size: int = field(default=256, metadata=affects(NEITHER))
+    max_nonfinite_steps: int = field(default=3, metadata=affects(NEITHER))
+    checkpoint_dir: str | None = field(default=None, metadata=affects(NEITHER))
     loggers: list[Literal["tensorboard", "mlflow", "wandb", "csv"]] = field(
-        default_factory=lambda: ["tensorboard"]
+        default_factory=lambda: ["tensorboard"], metadata=affects(NEITHER)
     )
-    mlflow_tracking_uri: str | None = None
-    experiment_name: str | None = None
-    wandb_project: str | None = None
-    wandb_mode: Literal["offline", "online"] = "offline"
+    mlflow_tracking_uri: str | None = field(default=None, metadata=affects(NEITHER))
+    experiment_name: str | None = field(default=None, metadata=affects(NEITHER))
+    wandb_project: str | None = field(default=None, metadata=affects(NEITHER))
+    wandb_mode: Literal["offline", "online"] = field(default="offline", metadata=affects(NEITHER))
 
 
 ObjectiveName = Literal["sft", "dpo"]
@@ -389,17 +449,19 @@ class ObjectiveConfig:
             twice ``max_seq_length``); ``false``: never.
     """
 
-    objective: ObjectiveName = "sft"
-    dpo_loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
-    dpo_beta: float = 0.1
-    dpo_label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    rpo_alpha: float = 0.0
-    reference: Literal["auto", "adapter", "copy", "cached"] = "auto"
-    init_adapter: str | None = None
-    sft_config: str | None = None
-    monitor: Literal["auto", "val_loss", "val_reward_accuracy"] = "auto"
-    share_prompt: bool | Literal["auto"] = "auto"
+    objective: ObjectiveName = field(default="sft", metadata=affects(PREPARED))
+    dpo_loss: Literal["sigmoid", "ipo", "simpo"] = field(default="sigmoid", metadata=affects(NEITHER))
+    dpo_beta: float = field(default=0.1, metadata=affects(NEITHER))
+    dpo_label_smoothing: float = field(default=0.0, metadata=affects(NEITHER))
+    simpo_gamma: float = field(default=0.5, metadata=affects(NEITHER))
+    rpo_alpha: float = field(default=0.0, metadata=affects(NEITHER))
+    reference: Literal["auto", "adapter", "copy", "cached"] = field(default="auto", metadata=affects(NEITHER))
+    init_adapter: str | None = field(default=None, metadata=affects(NEITHER))
+    sft_config: str | None = field(default=None, metadata=affects(NEITHER))
+    monitor: Literal["auto", "val_loss", "val_reward_accuracy"] = field(
+        default="auto", metadata=affects(NEITHER)
+    )
+    share_prompt: bool | Literal["auto"] = field(default="auto", metadata=affects(NEITHER))
 
 
 @dataclass(kw_only=True)
@@ -432,21 +494,21 @@ class DistConfig:
         plan_mfu: the model FLOPs utilization the plan assumes, in (0, 1].
     """
 
-    strategy: StrategyName = "fsdp2"
-    accelerator: Literal["auto", "cuda", "cpu"] = "auto"
-    sharding_strategy: ShardingStrategy = "FULL_SHARD"
-    cpu_offload: bool = False
-    activation_checkpointing: bool | Literal["auto"] = "auto"
-    recompute_elementwise: bool = True
-    fsdp_mixed_precision: bool = True
-    limit_all_gathers: bool = True
-    sync_module_states: bool = True
-    use_orig_params: bool = True
-    process_group_timeout_s: float = 1800.0
-    gpu_memory_gib: float | None = None
-    plan_gpu: PlanGpu | None = None
-    interconnect: InterconnectName | None = None
-    plan_mfu: float = 0.4
+    strategy: StrategyName = field(default="fsdp2", metadata=affects(NEITHER))
+    accelerator: Literal["auto", "cuda", "cpu"] = field(default="auto", metadata=affects(NEITHER))
+    sharding_strategy: ShardingStrategy = field(default="FULL_SHARD", metadata=affects(NEITHER))
+    cpu_offload: bool = field(default=False, metadata=affects(NEITHER))
+    activation_checkpointing: bool | Literal["auto"] = field(default="auto", metadata=affects(NEITHER))
+    recompute_elementwise: bool = field(default=True, metadata=affects(NEITHER))
+    fsdp_mixed_precision: bool = field(default=True, metadata=affects(NEITHER))
+    limit_all_gathers: bool = field(default=True, metadata=affects(NEITHER))
+    sync_module_states: bool = field(default=True, metadata=affects(NEITHER))
+    use_orig_params: bool = field(default=True, metadata=affects(NEITHER))
+    process_group_timeout_s: float = field(default=1800.0, metadata=affects(NEITHER))
+    gpu_memory_gib: float | None = field(default=None, metadata=affects(NEITHER))
+    plan_gpu: PlanGpu | None = field(default=None, metadata=affects(NEITHER))
+    interconnect: InterconnectName | None = field(default=None, metadata=affects(NEITHER))
+    plan_mfu: float = field(default=0.4, metadata=affects(NEITHER))
 
 
 @dataclass(kw_only=True)
@@ -473,20 +535,20 @@ class EvalConfig:
         eval_dir: folder of eval_report.json, report.md and the plots (default ``<results_root>/eval``).
     """
 
-    eval_backend: Literal["auto", "vllm", "transformers"] = "auto"
-    temperature: float = 0.1
-    top_p: float = 0.95
-    max_new_tokens: int = 512
-    max_model_len: int = 8192
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int | None = None
-    vllm_cpu_kvcache_gib: int = 2
-    bertscore_model: str | None = None
-    bertscore_num_layers: int | None = None
-    eval_batch_size: int = 8
-    max_eval_samples: int | None = None
-    eval_seed: int = 42
-    eval_dir: str | None = None
+    eval_backend: Literal["auto", "vllm", "transformers"] = field(default="auto", metadata=affects(NEITHER))
+    temperature: float = field(default=0.1, metadata=affects(NEITHER))
+    top_p: float = field(default=0.95, metadata=affects(NEITHER))
+    max_new_tokens: int = field(default=512, metadata=affects(NEITHER))
+    max_model_len: int = field(default=8192, metadata=affects(NEITHER))
+    gpu_memory_utilization: float = field(default=0.9, metadata=affects(NEITHER))
+    tensor_parallel_size: int | None = field(default=None, metadata=affects(NEITHER))
+    vllm_cpu_kvcache_gib: int = field(default=2, metadata=affects(NEITHER))
+    bertscore_model: str | None = field(default=None, metadata=affects(NEITHER))
+    bertscore_num_layers: int | None = field(default=None, metadata=affects(NEITHER))
+    eval_batch_size: int = field(default=8, metadata=affects(NEITHER))
+    max_eval_samples: int | None = field(default=None, metadata=affects(NEITHER))
+    eval_seed: int = field(default=42, metadata=affects(NEITHER))
+    eval_dir: str | None = field(default=None, metadata=affects(NEITHER))
 
 
 @dataclass(kw_only=True)
@@ -509,12 +571,14 @@ class ExportConfig:
             ``float32``, ``bfloat16`` or ``float16``.
     """
 
-    checkpoint: str = "best"
-    run_id: str | None = None
-    merge: bool = True
-    export_dir: str | None = None
-    max_shard_size: str = "5GB"
-    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    checkpoint: str = field(default="best", metadata=affects(NEITHER))
+    run_id: str | None = field(default=None, metadata=affects(NEITHER))
+    merge: bool = field(default=True, metadata=affects(NEITHER))
+    export_dir: str | None = field(default=None, metadata=affects(NEITHER))
+    max_shard_size: str = field(default="5GB", metadata=affects(NEITHER))
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=affects(NEITHER)
+    )
 
 
 @dataclass(kw_only=True)
@@ -547,24 +611,24 @@ class SageMakerConfig:
         dry_run: build and print the job request without credentials or network, submit nothing.
     """
 
-    role: str | None = None
-    region: str | None = None
-    image_uri: str | None = None
-    framework_version: str = "2.8.0"
-    py_version: str = "py312"
-    instance_type: str = "ml.p4d.24xlarge"
-    instance_count: int = 1
-    volume_size_gb: int = 200
-    training_data_s3_uri: str | None = None
-    output_s3_uri: str | None = None
-    checkpoint_s3_uri: str | None = None
-    checkpoint_local_path: str = "/opt/ml/checkpoints"
-    use_spot: bool = False
-    max_run_s: int = 86400
-    max_wait_s: int | None = None
-    source_dir: str | None = None
-    base_job_name: str = "ftpipe"
-    dry_run: bool = False
+    role: str | None = field(default=None, metadata=affects(NEITHER))
+    region: str | None = field(default=None, metadata=affects(NEITHER))
+    image_uri: str | None = field(default=None, metadata=affects(NEITHER))
+    framework_version: str = field(default="2.8.0", metadata=affects(NEITHER))
+    py_version: str = field(default="py312", metadata=affects(NEITHER))
+    instance_type: str = field(default="ml.p4d.24xlarge", metadata=affects(NEITHER))
+    instance_count: int = field(default=1, metadata=affects(NEITHER))
+    volume_size_gb: int = field(default=200, metadata=affects(NEITHER))
+    training_data_s3_uri: str | None = field(default=None, metadata=affects(NEITHER))
+    output_s3_uri: str | None = field(default=None, metadata=affects(NEITHER))
+    checkpoint_s3_uri: str | None = field(default=None, metadata=affects(NEITHER))
+    checkpoint_local_path: str = field(default="/opt/ml/checkpoints", metadata=affects(NEITHER))
+    use_spot: bool = field(default=False, metadata=affects(NEITHER))
+    max_run_s: int = field(default=86400, metadata=affects(NEITHER))
+    max_wait_s: int | None = field(default=None, metadata=affects(NEITHER))
+    source_dir: str | None = field(default=None, metadata=affects(NEITHER))
+    base_job_name: str = field(default="ftpipe", metadata=affects(NEITHER))
+    dry_run: bool = field(default=False, metadata=affects(NEITHER))
 
 
 @dataclass(kw_only=True)
@@ -585,12 +649,12 @@ class DebugConfig:
             and global parameter counts and a fingerprint of its shards).
     """
 
-    inject_nan_steps: list[int] = field(default_factory=list)
-    stop_at_step: int | None = None
-    kill_at_checkpoint_step: int | None = None
-    hang_rank: int | None = None
-    hang_at_step: int | None = None
-    shard_report_dir: str | None = None
+    inject_nan_steps: list[int] = field(default_factory=list, metadata=affects(NEITHER))
+    stop_at_step: int | None = field(default=None, metadata=affects(NEITHER))
+    kill_at_checkpoint_step: int | None = field(default=None, metadata=affects(NEITHER))
+    hang_rank: int | None = field(default=None, metadata=affects(NEITHER))
+    hang_at_step: int | None = field(default=None, metadata=affects(NEITHER))
+    shard_report_dir: str | None = field(default=None, metadata=affects(NEITHER))
 
 
 SECTIONS: dict[str, type] = {

@@ -7,6 +7,9 @@ allowed. Beyond types: floats must be finite (``.nan`` and ``.inf`` pass YAML's 
 nothing), mapping options must have keys and values that can mean something (a ``field_mapping`` key
 is a template placeholder name; a ``text_replacements`` key is non-empty text), and lists of names
 hold distinct, non-empty names.
+
+A list of plain values may be given as one value alone, from YAML or the command line
+(``lora_target_modules: all-linear`` is ``[all-linear]``): :func:`one_value_lists`.
 """
 
 from __future__ import annotations
@@ -227,6 +230,44 @@ def numbers_from_text(flat: dict[str, Any]) -> dict[str, Any]:
             for e in entries
         ]
     return out
+
+
+def list_item_type(hint: Any) -> Any | None:
+    """The item type of a list of plain values (``list[str] | None`` -> ``str``); None for any other type,
+    lists of entries (``datasets``) included."""
+    inner = _inner(hint)
+    if typing.get_origin(inner) is not list or not typing.get_args(inner):
+        return None
+    item = typing.get_args(inner)[0]
+    return None if dataclasses.is_dataclass(item) else item
+
+
+def _one_value_list(hint: Any, value: Any) -> Any:
+    item = list_item_type(hint)
+    if item is None or isinstance(value, list | tuple | dict) or value is None:
+        return value
+    return [value] if _matches(item, value) else value
+
+
+def one_value_lists(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with each list field (and each list field of ``datasets`` entries) given one plain value
+    that is a valid item given the list of that one value: ``lora_target_modules: all-linear`` means
+    ``[all-linear]``. Other values stay (a wrong one is refused by :func:`type_problems`, naming the list)."""
+    hints, entry_hints = field_types(), _entry_types()
+    out = {name: _one_value_list(hints.get(name), v) for name, v in flat.items()}
+    entries = out.get("datasets")
+    if isinstance(entries, list):
+        out["datasets"] = [
+            {k: _one_value_list(entry_hints.get(k), v) for k, v in e.items()} if isinstance(e, dict) else e
+            for e in entries
+        ]
+    return out
+
+
+def given_forms(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with the shorter forms a value may be given in made the field's own: number text for number
+    fields (:func:`numbers_from_text`), one value alone for lists (:func:`one_value_lists`)."""
+    return one_value_lists(numbers_from_text(flat))
 
 
 def type_problems(flat: dict[str, Any]) -> dict[str, list[str]]:

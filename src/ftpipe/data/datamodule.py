@@ -49,6 +49,8 @@ from ftpipe.utils.world import distributed, local_rank
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from ftpipe.data.prepare import PreparedData
+
 log = get_logger(__name__)
 
 SPLITS = {"train": "train_file", "val": "val_file", "test": "test_file"}
@@ -67,10 +69,16 @@ class SFTDataModule(pl.LightningDataModule):
         tokenizer: the model's tokenizer (``ftpipe.model.tokenizer.load_tokenizer``).
         objective: the training objective (``ftpipe.objectives.Objective``): its ``dataset`` and
             ``collator``; None: supervised fine-tuning (``SFTDataset``, ``SFTCollator``).
+        prepared: the prepared data of ``cfg`` when the caller prepared it already (the training stage
+            does); None: ``setup`` prepares it.
     """
 
     def __init__(
-        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, objective: Any = None
+        self,
+        cfg: PipelineConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        objective: Any = None,
+        prepared: PreparedData | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -80,7 +88,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.train_collator = self.collator
         if cfg.data.packing:
             self.train_collator = self._collator(flatten=_flash_attention(cfg))
-        self.prepared = None
+        self.prepared = prepared
         self.datasets: dict[str, SFTDataset] = {}
         self._packed_train: PackedDataset | None = None
         self._check_tokenizer()
@@ -105,7 +113,8 @@ class SFTDataModule(pl.LightningDataModule):
         check_chat_template_early(self.tokenizer, self.cfg.data, [folder / n for n in SPLIT_FILES.values()])
 
     def setup(self, stage: str | None = None) -> None:
-        """Prepare the data once (idempotent) and tokenize the splits ``stage`` needs (all when None)."""
+        """Prepare the data once unless it was handed over (idempotent), and tokenize the splits ``stage``
+        needs (all when None)."""
         if self.prepared is None:
             from ftpipe.data.prepare import prepare_data
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch.utils.data import Dataset
 
+from ftpipe.config.paths import tokenize_settings
 from ftpipe.config.schema import DataConfig
 from ftpipe.data import chat as chat_module
 from ftpipe.data import render as render_module
@@ -225,12 +226,14 @@ def _tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> str:
 def _tokenized_cache(
     rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig, max_len: int, code: str
 ) -> Path | None:
-    """The cache file of these rows tokenized so (None for rows that are not a file of their own)."""
+    """The cache file of these rows tokenized so (None for rows that are not a file of their own): keyed by
+    the rows' file, the tokenizer, the data settings that change tokenized samples (derived from the fields'
+    declarations: ``ftpipe.config.paths.tokenize_settings``), the length and the encoding code."""
     files = [f["filename"] for f in rows.cache_files]
     if len(files) != 1:
         return None
     source = Path(files[0])
-    settings = json.dumps(dataclasses.asdict(data_cfg), sort_keys=True, default=str)
+    settings = json.dumps(tokenize_settings(data_cfg), sort_keys=True, default=str)
     key = hashlib.sha256(
         "|".join([source.name, _tokenizer_signature(tokenizer), settings, str(max_len), code]).encode()
     ).hexdigest()[:20]

@@ -59,6 +59,7 @@ from ftpipe.data.chat import (
     check_role_order,
     normalize_tools,
     normalize_turns,
+    system_text,
     uses_tools,
 )
 from ftpipe.data.errors import BadRow
@@ -445,7 +446,7 @@ def normalize_pair(
         if row.get(side) is None:
             raise BadRow(f"missing:{side}", f"{side} is missing or null")
     tools = normalize_tools(row.get("tools"))
-    system = as_text(row.get("system"), "system", notes, "the system column")
+    system = system_text(row.get("system"), notes)  # text, or text parts / blocks joined
     system = system if system is not None and system.strip() else None
     chat = chat or bool(tools) or system is not None
     if layout == "implicit":

@@ -31,6 +31,13 @@ from ftpipe.config.paths import (
     settings_hash,
 )
 from ftpipe.config.schema import PipelineConfig
+from ftpipe.data import build as build_module
+from ftpipe.data import chat as chat_module
+from ftpipe.data import formats as formats_module
+from ftpipe.data import jsonscan as jsonscan_module
+from ftpipe.data import mix as mix_module
+from ftpipe.data import preference as preference_module
+from ftpipe.data import sources as sources_module
 from ftpipe.data.build import READY_MARKER, SPLIT_FILES, build_prepared
 from ftpipe.data.errors import DataError, PrepareTimeoutError
 from ftpipe.data.manifest import MANIFEST_NAME, PREPARED_KEYS, read_manifest
@@ -244,9 +251,33 @@ def _build_staged(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def row_code_digest() -> str:
+    """SHA-256 (12 hex digits) of the code that reads, normalises, filters and splits rows
+    (:data:`ROW_CODE_FILES`): prepared data is keyed by it, so a change of that code (a layout that now keeps
+    rows an older version dropped) prepares again instead of reusing the older version's splits."""
+    import hashlib
+
+    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in ROW_CODE_FILES)).hexdigest()[:12]
+
+
 def _settings(cfg: PipelineConfig) -> dict:
-    """The prepare settings of ``cfg`` (its data settings and objective)."""
-    return prepare_settings(cfg.data, cfg.objective.objective)
+    """The prepare settings of ``cfg`` (its data settings and objective) and the version of the row code."""
+    return {**prepare_settings(cfg.data, cfg.objective.objective), "row_code": row_code_digest()}
+
+
+#: The modules whose code decides the prepared rows (their bytes are part of the prepared data's key).
+ROW_CODE_FILES = tuple(
+    m.__file__
+    for m in (
+        build_module,
+        chat_module,
+        formats_module,
+        jsonscan_module,
+        mix_module,
+        preference_module,
+        sources_module,
+    )
+)
 
 
 def _prepare_rank0(cfg: PipelineConfig, folder: Path) -> PreparedData:
@@ -469,3 +500,19 @@ def prepare_data(cfg: PipelineConfig) -> PreparedData:
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     log.info("Prepared data (%s) in %s: %s", "reused" if result.reused else "new", folder, counts)
     return result
+
+
+def prepared_for(cfg: PipelineConfig, prepared: PreparedData | None = None) -> PreparedData:
+    """The prepared data of a stage: ``prepared`` when an earlier stage hands it over (``ftpipe run``
+    prepares once for all its stages), else ``prepare_data(cfg)`` (a stage run on its own prepares, or
+    finds prepared, what it needs). Handed-over data must be ``cfg``'s own prepared folder."""
+    if prepared is None:
+        return prepare_data(cfg)
+    expected = prepared_data_dir(cfg.data, cfg.objective.objective)
+    if _resolved(Path(prepared.folder)) != _resolved(expected):
+        raise DataError(
+            f"the prepared data handed to this stage ({prepared.folder}) is not the data of its configuration "
+            f"({expected}); hand over what prepare_data returned for the same configuration, or none (the "
+            "stage then prepares its data itself)"
+        )
+    return prepared

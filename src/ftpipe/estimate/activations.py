@@ -18,6 +18,12 @@ docs/estimate.md). Per token, with ``a`` the bytes of the compute dtype:
   input (``in_features x a``; with dropout 0, or on the CPU with ``recompute_elementwise``, the shared input
   once per group instead), and the ``r``-wide intermediate.
 
+A mixture-of-experts layer runs each token through ``experts_per_token`` experts: the MLP term is theirs
+(``experts_per_token x`` one expert's width), plus the token's copy for each expert and the router's fp32
+scores and probabilities. Adapted expert weights (LoRA on the experts) are materialised whole in the forward
+pass and kept for the backward pass: the layer's expert weights in the compute dtype, per layer (not per
+token), and once more as their gradient inside the layer's backward pass.
+
 Activation checkpointing keeps each layer's input (``hidden x a``) and recomputes one layer at a time in the
 backward pass. The loss keeps fp32 log-probabilities over the vocabulary and, in its backward pass, their
 gradient and the gradient of the logits: ``3 x 4 bytes`` (plus the logits in a 16-bit compute dtype) per
@@ -104,6 +110,18 @@ def _linears_per_token(
     return base, lora
 
 
+def _mlp_per_token(shape: ModelShape, a: int, recompute_elementwise: bool) -> int:
+    """What the MLP keeps per token: gate, activation and up projection of a gated MLP (2 with the
+    activation recomputed), of each routed expert in a mixture-of-experts layer."""
+    tensors = (2 if recompute_elementwise else 3) if shape.gated_mlp else 1
+    if not shape.is_moe:
+        return tensors * shape.intermediate_size * a
+    k = shape.experts_per_token
+    routed_inputs = k * shape.hidden_size * a
+    router = 2 * shape.num_experts * 4  # fp32 scores and probabilities
+    return k * tensors * shape.expert_intermediate_size * a + routed_inputs + router
+
+
 def activation_bytes(
     shape: ModelShape,
     *,
@@ -133,17 +151,21 @@ def activation_bytes(
     mask_bytes = 1  # a boolean mask on every device (ftpipe.model.dropout.LoraDropout on the CPU)
     full_ft_norms = any(lin.trainable for lin in shape.linears)
     norms = sum(n * 4 + (n * a if full_ft_norms else 0) for n in shape.norm_elements)
-    mlp = ((2 if recompute_elementwise else 3) if shape.gated_mlp else 1) * shape.intermediate_size * a
+    mlp = _mlp_per_token(shape, a, recompute_elementwise)
     linears, lora = _linears_per_token(shape, a, mask_bytes, recompute_elementwise and device == "cpu")
     per_token = norms + _attention_per_token(shape, attn, seq_len, a) + mlp + linears + lora
-    layer = per_token * tokens
-    lora_layer = lora * tokens
+    adapted_experts = shape.layer_expert_elements * a if shape.experts_adapted else 0
+    layer = per_token * tokens + adapted_experts
+    lora_layer = lora * tokens + adapted_experts
 
     h = shape.hidden_size
     final_norm = tokens * h * 4
     attn_mask = micro_batch_size * seq_len * seq_len * a if attn != "flash_attention_2" else 0
+    width = (
+        shape.experts_per_token * shape.expert_intermediate_size if shape.is_moe else shape.intermediate_size
+    )
     transient = (
-        tokens * (BACKWARD_INTERMEDIATE_TENSORS * shape.intermediate_size + BACKWARD_HIDDEN_TENSORS * h) * a
+        tokens * (BACKWARD_INTERMEDIATE_TENSORS * width + BACKWARD_HIDDEN_TENSORS * h) * a + adapted_experts
     )
     positions = tokens if loss_chunk_size <= 0 else min(loss_chunk_size, tokens)
     per_logit = LOSS_FP32_TENSORS * 4 + (a if a != 4 else 0)

@@ -27,6 +27,7 @@ from ftpipe.errors import FtpipeError
 from ftpipe.estimate.activations import Activations, activation_bytes
 from ftpipe.estimate.hardware import GPUS
 from ftpipe.estimate.shape import ModelConfigUnavailable, ModelShape, model_shape
+from ftpipe.model.moe import UnknownMoeLayout
 from ftpipe.runtime import compute_dtype, is_16bit, weight_dtype
 from ftpipe.utils.logging import get_logger
 
@@ -164,12 +165,23 @@ def _local_device(cfg: PipelineConfig) -> str:
     return "cuda" if cfg.dist.accelerator != "cpu" and torch.cuda.is_available() else "cpu"
 
 
+def _model_config(cfg: PipelineConfig):
+    """The model's configuration, or None when it cannot be read (the shape reports that, with what to do)."""
+    from ftpipe.model.load import load_model_config
+
+    try:
+        return load_model_config(cfg)
+    except Exception:  # reported where the estimate reads the model's shape
+        return None
+
+
 def _target(cfg: PipelineConfig) -> Target:
     """The precision and attention kernel ftpipe would select; a GPU run planned from a machine without one
     (``accelerator: cuda`` or ``gpu_memory_gib`` set) assumes a GPU with bf16 support."""
-    from ftpipe.runtime import select_attn_implementation, select_precision
+    from ftpipe.runtime import select_attn_implementation, select_precision, supports_sdpa
 
     local = _local_device(cfg)
+    model_config = _model_config(cfg)
     planned_gpu = (
         cfg.dist.accelerator == "cuda" or cfg.dist.gpu_memory_gib is not None or bool(cfg.dist.plan_gpu)
     )
@@ -177,7 +189,7 @@ def _target(cfg: PipelineConfig) -> Target:
     try:
         if device == local:
             precision = select_precision(cfg)
-            attn = select_attn_implementation(cfg, device, precision=precision)
+            attn = select_attn_implementation(cfg, device, precision=precision, model_config=model_config)
             note = (
                 "this machine's CUDA device"
                 if device == "cuda"
@@ -186,7 +198,9 @@ def _target(cfg: PipelineConfig) -> Target:
         else:
             precision = cfg.model.precision if cfg.model.precision != "auto" else "bf16-mixed"
             configured = cfg.model.attn_implementation
-            attn = configured if configured != "auto" else "sdpa"
+            attn = (
+                configured if configured != "auto" else ("sdpa" if supports_sdpa(model_config) else "eager")
+            )
             note = "a GPU with bf16 support (none on this machine)"
     except ValueError as err:
         raise EstimateError(str(err)) from err
@@ -452,7 +466,7 @@ def resolve_activation_checkpointing(cfg: PipelineConfig) -> PipelineConfig:
         return cfg
     try:
         result = plan(cfg)
-    except (ModelConfigUnavailable, EstimateError) as err:
+    except (ModelConfigUnavailable, EstimateError, UnknownMoeLayout) as err:
         log.warning("activation checkpointing on (auto): the memory could not be estimated (%s)", err)
         return cfg.replace(activation_checkpointing=True)
     log.info("%s", result.auto_reason)

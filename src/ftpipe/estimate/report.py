@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ftpipe.estimate.memory import GIB, HEADROOM, MemoryEstimate
 from ftpipe.estimate.memory import format_gib as _gib
+from ftpipe.estimate.shape import ModelShape
 from ftpipe.runtime import compute_dtype, weight_dtype
 
 
@@ -110,6 +111,17 @@ def _verdict(est: MemoryEstimate) -> str:
     return f"does not fit: {_gib(est.total)} needed, {head}; {_gib(est.total - usable)} too much"
 
 
+def _moe(s: ModelShape) -> str:
+    """``, mixture of experts: ...`` for an MoE model: what a token passes through and what the experts are."""
+    if not s.is_moe:
+        return ""
+    return (
+        f"; mixture of experts: {_count(s.active_params)} active per token, {s.experts_per_token} of "
+        f"{s.num_experts} experts ({_count(s.expert_params)} expert weights{', adapted' if s.experts_adapted else ''}, "
+        f"{_count(s.router_params)} router)"
+    )
+
+
 def print_estimate(est: MemoryEstimate, file: TextIO | None = None) -> None:
     """Print ``est`` as a table, then the verdict and, when it does not fit, what would."""
     console = Console(file=file or sys.stdout, soft_wrap=False)
@@ -118,7 +130,7 @@ def print_estimate(est: MemoryEstimate, file: TextIO | None = None) -> None:
     s, t, lay = est.shape, est.target, est.layout
     title = (
         f"Memory per {'GPU' if t.device == 'cuda' else 'process'}: {est.model} ({s.architecture}, "
-        f"{_count(s.total_params)} params, {_count(s.trainable_params)} trainable)"
+        f"{_count(s.total_params)} params, {_count(s.trainable_params)} trainable{_moe(s)})"
     )
     caption = (
         f"{lay.description}; {t.precision} (compute in {_dtype(compute_dtype(t.precision))}) on {t.note}; "

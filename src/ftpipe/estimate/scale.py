@@ -131,7 +131,7 @@ def scale_plan(cfg: PipelineConfig) -> ScalePlan:
     # what does not depend on the number of nodes
     pairs = cfg.objective.objective == "dpo"
     reference_passes = 1 if pairs and cfg.objective.reference != "cached" else 0
-    matmul = shape.total_params - shape.embedding_params
+    matmul = shape.active_params - shape.embedding_params  # a token meets only its routed experts
     # a trained embedding's gradient is a scatter-add, not a matmul
     trainable = shape.trainable_params - (shape.embedding_params if cfg.model.finetuning == "full" else 0)
     fpt = flops_per_token(

@@ -16,6 +16,7 @@ from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.layers import find_decoder_layer_classes
 from ftpipe.errors import FtpipeError
 from ftpipe.model.errors import ModelLoadError
+from ftpipe.model.moe import UnknownMoeLayout, experts_modules, listed_experts, routed_experts, router_modules
 from ftpipe.model.stats import parameter_stats
 from ftpipe.utils.logging import get_logger
 
@@ -78,6 +79,15 @@ class ModelShape:
         gated_mlp: the MLP multiplies an activated gate with an up projection (SwiGLU).
         embedding_params: parameters of the input embedding when it is not the output head's weight too
             (a lookup, no matmul: the FLOPs of a token leave them out); 0 when tied.
+        num_experts: experts per mixture-of-experts layer (0: a dense model).
+        experts_per_token: experts a token is routed to (``num_experts_per_tok``).
+        expert_params: the stacked expert weights of all layers (every expert; a token meets
+            ``experts_per_token / num_experts`` of them).
+        expert_intermediate_size: one expert's MLP width.
+        router_params: the routers' parameters (all layers).
+        layer_expert_elements: the stacked expert weights of the largest layer.
+        experts_adapted: the expert weights have LoRA adapters (PEFT materialises each layer's adapted expert
+            weights in the forward pass, and autograd keeps them for the backward pass).
     """
 
     architecture: str
@@ -100,10 +110,29 @@ class ModelShape:
     norm_elements: tuple[int, ...]
     gated_mlp: bool
     embedding_params: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_params: int = 0
+    expert_intermediate_size: int = 0
+    router_params: int = 0
+    layer_expert_elements: int = 0
+    experts_adapted: bool = False
 
     @property
     def adapter_params(self) -> int:
         return self.total_params - self.base_params
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token passes through: all but the experts it is not routed to."""
+        if not self.is_moe:
+            return self.total_params
+        idle = self.expert_params * (self.num_experts - self.experts_per_token) // self.num_experts
+        return self.total_params - idle
 
     @property
     def q_dim(self) -> int:
@@ -211,7 +240,9 @@ def _layer_structure(
     linears, norms = [], []
     lora_owned: set[str] = set()
     for name, module in layer.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):  # a PEFT LoRA layer
+        if hasattr(module, "parameter_name") and hasattr(module, "lora_A"):  # an expert-weight adapter
+            lora_owned.add(name)
+        elif hasattr(module, "lora_A") and hasattr(module, "base_layer"):  # a PEFT LoRA layer
             adapters = list(module.r)
             rank = int(module.r[adapters[0]]) if adapters else 0
             drop = module.lora_dropout[adapters[0]] if adapters else None
@@ -315,6 +346,66 @@ def _untied_embedding_params(model) -> int:
     return 0 if tied else embedding.weight.numel()
 
 
+def _experts(model, config, largest: torch.nn.Module, n_layers: int, probe: int) -> dict:
+    """The mixture-of-experts part of the shape (empty for a dense model): every count scaled from the
+    ``probe`` layers built to the ``n_layers`` of the model.
+
+    Raises:
+        UnknownMoeLayout: experts in a layout ftpipe does not count (a list of expert modules), or a
+            router whose ``top_k`` neither it nor the configuration gives.
+    """
+    listed = listed_experts(model)
+    if listed:
+        raise UnknownMoeLayout(
+            f"{type(model).__name__} keeps its experts as a list of modules ({listed[0]}); ftpipe estimates "
+            "mixture-of-experts layers whose experts are stacked weights (Hugging Face's own MoE models), and "
+            "would count every expert as passed by every token here. Set activation_checkpointing to true or "
+            "false instead of auto"
+        )
+    found = experts_modules(model)
+    if not found:
+        return {}
+    top_k = routed_experts(config) or next((int(r.top_k) for _, r in router_modules(model)), None)
+    if not top_k:
+        raise UnknownMoeLayout(
+            f"{type(model).__name__} has {found[0].num_experts} experts per layer but neither its "
+            f"configuration ({', '.join(('num_experts_per_tok', 'num_experts_per_token', 'moe_topk'))}) nor "
+            "its router gives how many a token is routed to; add num_experts_per_tok to config.json"
+        )
+    scale = n_layers / probe
+    in_layer = [e for e in found if e.name.startswith(_layer_name(model, largest) + ".")] or found[:1]
+    routers = sum(p.numel() for _, r in router_modules(model) for p in r.parameters())
+    down = next((n for n in in_layer[0].parameters if "down" in n), None)
+    width = _expert_width(model, in_layer[0], down)
+    adapted = any(hasattr(m, "parameter_name") and hasattr(m, "lora_A") for m in largest.modules())
+    return {
+        "num_experts": found[0].num_experts,
+        "experts_per_token": top_k,
+        "expert_params": int(sum(e.weight_elements for e in found) * scale),
+        "expert_intermediate_size": width,
+        "router_params": int(routers * scale),
+        "layer_expert_elements": sum(e.weight_elements for e in in_layer),
+        "experts_adapted": adapted,
+    }
+
+
+def _layer_name(model: torch.nn.Module, layer: torch.nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is layer)
+
+
+def _expert_width(model: torch.nn.Module, experts, down: str | None) -> int:
+    """One expert's MLP width: the dimension of its down projection that is not the hidden size."""
+    module = dict(model.named_modules())[experts.name]
+    while hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+        module = module.base_layer
+    hidden = _text_config(model.config).hidden_size
+    if down is not None:
+        dims = [d for d in getattr(module, down).shape[1:] if d != hidden]
+        if dims:
+            return int(dims[0])
+    return int(getattr(module, "intermediate_dim", 0) or getattr(module, "intermediate_size", 0) or 0)
+
+
 def model_shape(cfg: PipelineConfig, probe_above: int = PROBE_ABOVE_LAYERS) -> ModelShape:
     """Build ``cfg``'s model on the meta device (with ftpipe's LoRA when ``finetuning`` is ``lora``) and
     read its parameter counts and decoder-layer structure.
@@ -361,6 +452,7 @@ def model_shape(cfg: PipelineConfig, probe_above: int = PROBE_ABOVE_LAYERS) -> M
     largest = max(layers, key=lambda m: sum(p.numel() for p in m.parameters()))
     dims = {"hidden": hidden, "head_dim": head_dim, "q_dim": heads * head_dim, "kv_dim": kv_heads * head_dim}
     linears, norms = _layer_structure(largest, dims)
+    moe = _experts(model, config, largest, n_layers, probe)
     shape = ModelShape(
         architecture=type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
         hidden_size=hidden,
@@ -382,6 +474,7 @@ def model_shape(cfg: PipelineConfig, probe_above: int = PROBE_ABOVE_LAYERS) -> M
         norm_elements=norms,
         gated_mlp=_is_gated(largest, text, intermediate),
         embedding_params=_untied_embedding_params(model),
+        **moe,
     )
     log.info(
         "%s: %s parameters (%s trainable), %d x %s",

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftpipe.config import results_root
 from ftpipe.config.paths import check_output_folder
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.errors import FtpipeError
+
+if TYPE_CHECKING:
+    from ftpipe.data.prepare import PreparedData
 
 METRICS_FILENAME = "metrics.jsonl"
 
@@ -56,13 +59,27 @@ def eval_dir(cfg: PipelineConfig) -> Path:
     return results_root(cfg) / "eval"
 
 
-def rows_to_score(cfg: PipelineConfig) -> tuple[Path, list[dict[str, Any]]]:
-    """The prepared test split and its rows to score (the first ``max_eval_samples``), after checking
-    that the report folder can be written; an EvaluationError when there is nothing to score."""
-    from ftpipe.data.prepare import prepare_data, read_jsonl
+def prepared_for_evaluation(cfg: PipelineConfig, prepared: PreparedData | None = None) -> PreparedData:
+    """The prepared data to score, after the checks that would stop the evaluation (the report folder can
+    be written, the ``accelerator``'s device is there): ``prepared`` when an earlier stage hands it over,
+    else prepared (or found prepared) here."""
+    from ftpipe.data.prepare import prepared_for
+    from ftpipe.evaluate.device import evaluation_device
 
     check_output_folder("eval_dir" if cfg.eval.eval_dir else "results_dir", eval_dir(cfg))
-    prepared = prepare_data(cfg)
+    evaluation_device(cfg.dist.accelerator)
+    return prepared_for(cfg, prepared)
+
+
+def rows_to_score(
+    cfg: PipelineConfig, prepared: PreparedData | None = None
+) -> tuple[Path, list[dict[str, Any]]]:
+    """The prepared test split and its rows to score (the first ``max_eval_samples``), after the checks of
+    ``prepared_for_evaluation`` (which prepares the data unless ``prepared`` is given); an EvaluationError
+    when there is nothing to score."""
+    from ftpipe.data.prepare import read_jsonl
+
+    prepared = prepared_for_evaluation(cfg, prepared)
     rows = read_jsonl(prepared.test_file)
     if cfg.eval.max_eval_samples is not None:
         rows = rows[: cfg.eval.max_eval_samples]

@@ -12,7 +12,7 @@ export first, see ``ftpipe.pipeline.evaluate_model``). Written to
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftpipe.config import validate_config
 from ftpipe.config.schema import PipelineConfig
@@ -23,6 +23,9 @@ from ftpipe.evaluate.common import (  # part of this module's interface
     rows_to_score,
 )
 from ftpipe.utils.logging import get_logger
+
+if TYPE_CHECKING:
+    from ftpipe.data.prepare import PreparedData
 
 log = get_logger(__name__)
 
@@ -42,10 +45,10 @@ def _loss(model_path: str, examples: list[tuple[list[int], list[int]]], cfg: Pip
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ftpipe.evaluate.device import device_and_dtype
     from ftpipe.evaluate.metrics import loss_and_perplexity
-    from ftpipe.model.serving_handler import device_and_dtype
 
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(cfg.dist.accelerator)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
     ).to(device)
@@ -97,10 +100,11 @@ def per_source_scores(sources: list[str | None], per_sample: dict[str, list]) ->
     return out
 
 
-def evaluate(cfg: PipelineConfig, finetuned_path: str) -> EvalResult:
+def evaluate(cfg: PipelineConfig, finetuned_path: str, prepared: PreparedData | None = None) -> EvalResult:
     """Score the base model and the fine-tuned model in ``finetuned_path`` (a Hugging Face folder) on the
     test split; write the report in ``results_root/eval``. Which model that is, and whether it must be
-    exported first, is the caller's choice (``ftpipe.pipeline.evaluate_model``)."""
+    exported first, is the caller's choice (``ftpipe.pipeline.evaluate_model``). ``prepared``: ``cfg``'s
+    prepared data when the caller has it; None: prepared (or found prepared) here."""
     from ftpipe.data.tokenize import encode_example, reference_output, reference_tool_calls
     from ftpipe.evaluate.generate import build_prompts
     from ftpipe.model.embedded import resolve_model_path
@@ -112,8 +116,8 @@ def evaluate(cfg: PipelineConfig, finetuned_path: str) -> EvalResult:
     if cfg.objective.objective != "sft":
         from ftpipe.evaluate.preference import evaluate_preferences
 
-        return evaluate_preferences(cfg, finetuned_path)
-    test_file, rows = rows_to_score(cfg)
+        return evaluate_preferences(cfg, finetuned_path, prepared)
+    test_file, rows = rows_to_score(cfg, prepared)
     tokenizer = load_tokenizer(cfg.model)
     prompts = build_prompts(tokenizer, rows, cfg.data)
     references = [reference_output(row) for row in rows]

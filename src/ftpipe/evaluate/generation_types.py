@@ -26,7 +26,7 @@ _EVAL = EvalConfig()
 @dataclass(frozen=True, kw_only=True)
 class GenerationSettings:
     """Sampling and engine settings shared by both backends (see ``EvalConfig`` for each field; its defaults
-    are these defaults)."""
+    are these defaults; ``accelerator`` is the run's, see ``ftpipe.evaluate.device``)."""
 
     temperature: float = _EVAL.temperature
     top_p: float = _EVAL.top_p
@@ -38,10 +38,12 @@ class GenerationSettings:
     tensor_parallel_size: int | None = _EVAL.tensor_parallel_size
     vllm_cpu_kvcache_gib: int = _EVAL.vllm_cpu_kvcache_gib
     trust_remote_code: bool = False
+    accelerator: Literal["auto", "cuda", "cpu"] = "auto"
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> GenerationSettings:
-        """The settings of ``cfg.eval`` (and ``trust_remote_code`` of ``cfg.model``)."""
+        """The settings of ``cfg.eval`` (and ``trust_remote_code`` of ``cfg.model``, ``accelerator`` of
+        ``cfg.dist``)."""
         ev = cfg.eval
         return cls(
             temperature=ev.temperature,
@@ -54,6 +56,7 @@ class GenerationSettings:
             tensor_parallel_size=ev.tensor_parallel_size,
             vllm_cpu_kvcache_gib=ev.vllm_cpu_kvcache_gib,
             trust_remote_code=cfg.model.trust_remote_code,
+            accelerator=cfg.dist.accelerator,
         )
 
 

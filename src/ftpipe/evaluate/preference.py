@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftpipe.config.schema import PipelineConfig
 from ftpipe.utils.logging import get_logger
+
+if TYPE_CHECKING:
+    from ftpipe.data.prepare import PreparedData
+    from ftpipe.evaluate.common import EvalResult
 
 log = get_logger(__name__)
 
@@ -54,10 +58,10 @@ def pair_logps(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ftpipe.evaluate.device import device_and_dtype
     from ftpipe.evaluate.metrics import _padded_batch
-    from ftpipe.model.serving_handler import device_and_dtype
 
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(cfg.dist.accelerator)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
     ).to(device)
@@ -117,8 +121,11 @@ def preference_scores(
     return means, per
 
 
-def evaluate_preferences(cfg: PipelineConfig, finetuned_path: str):
-    """Score the base and the tuned model on the test pairs; write the report (see the module doc)."""
+def evaluate_preferences(
+    cfg: PipelineConfig, finetuned_path: str, prepared: PreparedData | None = None
+) -> EvalResult:
+    """Score the base and the tuned model on the test pairs; write the report (see the module doc).
+    ``prepared``: ``cfg``'s prepared data when the caller has it; None: prepared (or found prepared) here."""
     from ftpipe.data.pairs import encode_pair
     from ftpipe.evaluate.common import (
         EvaluationError,
@@ -132,7 +139,7 @@ def evaluate_preferences(cfg: PipelineConfig, finetuned_path: str):
     from ftpipe.model.tokenizer import load_tokenizer
 
     start = time.monotonic()
-    test_file, rows = rows_to_score(cfg)
+    test_file, rows = rows_to_score(cfg, prepared)
     tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encodings, prompts, kept = [], [], []

@@ -40,11 +40,11 @@ def generate_transformers(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 
-    from ftpipe.model.serving_handler import device_and_dtype
+    from ftpipe.evaluate.device import device_and_dtype
     from ftpipe.model.tokenizer import ensure_pad_token
 
     start = time.perf_counter()
-    device, dtype = device_and_dtype()
+    device, dtype = device_and_dtype(settings.accelerator)
     trust = settings.trust_remote_code
     tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust))
     tokenizer.padding_side = "left"

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ftpipe.evaluate.device import Device, evaluation_device
 from ftpipe.evaluate.generation_types import GenerationError, GenerationResult, GenerationSettings, rate
 from ftpipe.utils.logging import get_logger
 
@@ -25,13 +26,17 @@ log = get_logger(__name__)
 TAIL_LINES = 40
 
 
-def _worker_env(settings: GenerationSettings) -> dict[str, str]:
+def worker_env(settings: GenerationSettings, device: Device) -> dict[str, str]:
+    """The worker's environment: on the CPU (``device``) its KV cache gets ``vllm_cpu_kvcache_gib`` (unless
+    ``VLLM_CPU_KVCACHE_SPACE`` is set already), and the machine's GPUs, if any, are hidden from it."""
     import torch
 
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not torch.cuda.is_available() and "VLLM_CPU_KVCACHE_SPACE" not in env:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.vllm_cpu_kvcache_gib)
+    if device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_cpu_kvcache_gib))
+        if torch.cuda.is_available():  # accelerator cpu on a GPU machine: nothing lands on a GPU
+            env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -62,11 +67,17 @@ def generate_vllm(
     model_path: str, prompts: list[list[int]], settings: GenerationSettings
 ) -> GenerationResult:
     start = time.perf_counter()
+    device = evaluation_device(settings.accelerator)
     with tempfile.TemporaryDirectory(prefix="ftpipe-vllm-") as tmp:
         request, output = Path(tmp) / "request.json", Path(tmp) / "output.json"
         request.write_text(
             json.dumps(
-                {"model_path": model_path, "prompts": prompts, "settings": dataclasses.asdict(settings)}
+                {
+                    "model_path": model_path,
+                    "prompts": prompts,
+                    "settings": dataclasses.asdict(settings),
+                    "device": device,
+                }
             ),
             encoding="utf-8",
         )
@@ -82,7 +93,7 @@ def generate_vllm(
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
-            env=_worker_env(settings),
+            env=worker_env(settings, device),
             start_new_session=True,  # its own process group: the engine processes end with it
         )
         try:

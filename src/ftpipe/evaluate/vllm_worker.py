@@ -48,14 +48,15 @@ def _tensor_parallel_size(model_path: str, settings: GenerationSettings, gpus: i
 
 
 def run_vllm_worker(request: dict[str, Any]) -> dict[str, Any]:
-    """Generate in this process with vLLM; call only from a ``__main__`` guard (the worker's)."""
+    """Generate in this process with vLLM; call only from a ``__main__`` guard (the worker's). ``request``:
+    ``model_path``, ``prompts`` (token ids), ``settings`` and ``device`` (``cuda`` or ``cpu``)."""
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     settings = GenerationSettings(**request["settings"])
     model_path = request["model_path"]
-    on_gpu = torch.cuda.is_available()
+    on_gpu = request["device"] == "cuda"  # decided by the parent from accelerator (ftpipe.evaluate.device)
     start = time.perf_counter()
     llm = LLM(
         model=model_path,

@@ -81,7 +81,7 @@ def _data_lines(cfg: PipelineConfig) -> list[str]:
     return lines
 
 
-def _training_lines(cfg: PipelineConfig, checkpoint: str) -> list[str]:
+def _training_lines(cfg: PipelineConfig, checkpoint: str, lora_targets: str | None = None) -> list[str]:
     m, lo, t, d, ob = cfg.model, cfg.lora, cfg.train, cfg.data, cfg.objective
     lines = [f"- fine-tuning: {m.finetuning}"]
     if ob.objective == "sft":
@@ -105,7 +105,7 @@ def _training_lines(cfg: PipelineConfig, checkpoint: str) -> list[str]:
     if m.finetuning == "lora":
         lines.append(
             f"- LoRA: r={lo.lora_rank}, alpha={lo.lora_alpha}, dropout={lo.lora_dropout}, "
-            f"on {', '.join(lo.lora_target_modules)}"
+            f"on {lora_targets or ', '.join(lo.lora_target_modules)}"
         )
     lines += [
         f"- {t.max_steps} optimizer steps of {t.micro_batch_size} x {t.accumulate_grad_batches} micro-batches "
@@ -169,8 +169,11 @@ def evaluation_table(aggregates: dict[str, dict[str, Any]] | None, num_samples: 
     return head + "| metric | base model | this model |\n|---|---:|---:|\n" + "\n".join(rows)
 
 
-def model_card(cfg: PipelineConfig, kind: str, checkpoint: str, base_path: str) -> str:
-    """The text of the card of an export of ``kind`` (merged, full or adapter)."""
+def model_card(
+    cfg: PipelineConfig, kind: str, checkpoint: str, base_path: str, lora_targets: str | None = None
+) -> str:
+    """The text of the card of an export of ``kind`` (merged, full or adapter); ``lora_targets``: what got
+    adapters (the configured names when not given)."""
     from huggingface_hub import ModelCardData
 
     base_model = EMBEDDED_MODEL_ID if cfg.model.hf_model_id == EMBEDDED_MODEL else cfg.model.hf_model_id
@@ -199,7 +202,7 @@ def model_card(cfg: PipelineConfig, kind: str, checkpoint: str, base_path: str) 
         "",
         "## Training",
         "",
-        *_training_lines(cfg, checkpoint),
+        *_training_lines(cfg, checkpoint, lora_targets),
         "",
         "## Data",
         "",
@@ -219,9 +222,16 @@ def model_card(cfg: PipelineConfig, kind: str, checkpoint: str, base_path: str) 
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
 
 
-def write_model_card(folder: Path, cfg: PipelineConfig, kind: str, checkpoint: str, base_path: str) -> Path:
+def write_model_card(
+    folder: Path,
+    cfg: PipelineConfig,
+    kind: str,
+    checkpoint: str,
+    base_path: str,
+    lora_targets: str | None = None,
+) -> Path:
     path = folder / CARD_NAME
-    path.write_text(model_card(cfg, kind, checkpoint, base_path), encoding="utf-8")
+    path.write_text(model_card(cfg, kind, checkpoint, base_path, lora_targets), encoding="utf-8")
     return path
 
 

@@ -46,6 +46,7 @@ _LORA_FIELDS = (
     "lora_alpha",
     "lora_dropout",
     "lora_target_modules",
+    "lora_target_experts",
     "use_dora",
     "use_rslora",
     "init_lora_weights",
@@ -216,9 +217,13 @@ def _base_path(cfg: PipelineConfig) -> str:
 def _load_base(cfg: PipelineConfig, path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    from ftpipe.model.load import load_model_config
+    from ftpipe.runtime import supports_sdpa
+
     start = time.monotonic()
+    attn = "sdpa" if supports_sdpa(load_model_config(cfg)) else "eager"
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, attn_implementation="sdpa"
+        path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, attn_implementation=attn
     )
     log.info("loaded the base model %s (%s) in %.1fs", path, dtype, time.monotonic() - start)
     return model
@@ -244,20 +249,34 @@ def _build_lora(cfg: PipelineConfig, ckpt: CheckpointWeights, base_path: str, dt
             "checkpoint %s: %d non-LoRA tensors (e.g. %s) are ignored", ckpt.path, len(others), others[0]
         )
     model = _load_base(cfg, base_path, dtype)
-    peft_model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=False)
+    peft_model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=False)
     count = apply_adapter_weights(peft_model, ckpt.weights, str(ckpt.path))
     log.info("applied %d LoRA tensors from %s", count, ckpt.path)
     return peft_model.eval()
+
+
+def _adapted(peft_model) -> str:
+    """What got adapters, as PEFT built them (the default targets adapt to the model's family)."""
+    config = peft_model.peft_config["default"]
+    modules = config.target_modules
+    names = modules if isinstance(modules, str) else ", ".join(sorted(modules or []))
+    params = list(getattr(config, "target_parameters", None) or [])
+    return names + (f" + experts ({', '.join(params)})" if params else "")
 
 
 def _build_full(cfg: PipelineConfig, ckpt: CheckpointWeights, base_path: str, dtype: torch.dtype):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from ftpipe.runtime import supports_sdpa
+
     config = AutoConfig.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, attn_implementation="sdpa"
+            config,
+            dtype=dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation="sdpa" if supports_sdpa(config) else "eager",
         )
     state = {k: v.to(dtype) for k, v in ckpt.weights.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -372,6 +391,7 @@ def _write_export(
         model = _build_full(cfg, ckpt, base_path, dtype)
     else:
         model = _build_lora(cfg, ckpt, base_path, dtype)
+    targets = _adapted(model) if kind != "full" else None
     if kind == "adapter":
         model.peft_config["default"].base_model_name_or_path = base_model_name(cfg)
         model.save_pretrained(folder, safe_serialization=True)
@@ -383,7 +403,7 @@ def _write_export(
     del model
     _save_tokenizer(cfg, folder)
     save_config(cfg, folder)
-    write_model_card(folder, cfg, kind, str(ckpt.path), base_path)
+    write_model_card(folder, cfg, kind, str(ckpt.path), base_path, targets)
     result = ExportResult(
         path=str(out),
         kind=kind,

@@ -75,9 +75,15 @@ class LoraDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
-def use_lora_dropout(model: torch.nn.Module) -> int:
+def use_lora_dropout(model: torch.nn.Module, p: float | None = None) -> int:
     """Replace the ``torch.nn.Dropout`` modules of every PEFT LoRA layer in ``model`` by
-    :class:`LoraDropout` with the same probability; returns how many were replaced."""
+    :class:`LoraDropout` with the same probability; returns how many were replaced.
+
+    ``p``: the probability for the adapters of linear layers that PEFT built without dropout (its
+    parameter adapters, on stacked expert weights, allow none: PEFT then builds every adapter without it).
+    """
+    from peft.tuners.lora.layer import ParamWrapper
+
     replaced = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -86,5 +92,8 @@ def use_lora_dropout(model: torch.nn.Module) -> int:
         for name, drop in list(dropouts.items()):
             if type(drop) is torch.nn.Dropout and drop.p > 0:
                 dropouts[name] = LoraDropout(drop.p)
+                replaced += 1
+            elif p and type(drop) is torch.nn.Identity and not isinstance(module, ParamWrapper):
+                dropouts[name] = LoraDropout(p)
                 replaced += 1
     return replaced

@@ -112,7 +112,7 @@ def prepared_config(cfg: PipelineConfig, device_type: str, precision: str) -> tr
     """The model's configuration for training: no KV cache, the attention kernel chosen for the device."""
     config = load_model_config(cfg)
     config.use_cache = False
-    attn = select_attn_implementation(cfg, device_type, precision=precision)
+    attn = select_attn_implementation(cfg, device_type, precision=precision, model_config=config)
     config._attn_implementation = attn
     return config
 

@@ -56,9 +56,20 @@ class WithReference(Dataset):
         return getattr(self.dataset, name)
 
 
-def cache_key(cfg: Any, split_file: Path) -> str:
-    """What decides the reference values of a split: the model, the adapter it continues, the numerics and
-    the split file's identity."""
+def samples_identity(dataset: Any) -> str:
+    """What the tokenized pairs are: the name of their tokenization cache file (a hash of the rows' file, the
+    tokenizer, every setting that changes tokenized samples and the encoding code), else the in-memory
+    dataset's fingerprint; and how many pairs are kept."""
+    data = getattr(dataset, "data", None)
+    files = [Path(f["filename"]).name for f in getattr(data, "cache_files", None) or []]
+    identity = "|".join(files) or str(getattr(data, "_fingerprint", None) or id(dataset))
+    return f"{identity}|{len(dataset)}"
+
+
+def cache_key(cfg: Any, split_file: Path, dataset: Any = None) -> str:
+    """What decides the reference values of a split: the model, the adapter it continues, the numerics, the
+    split file's identity and the tokenized samples (:func:`samples_identity`: tokenizer, template and
+    tokenization settings included)."""
     stat = split_file.stat()
     adapter = cfg.objective.init_adapter
     adapter_stamp = None
@@ -74,6 +85,7 @@ def cache_key(cfg: Any, split_file: Path) -> str:
         str(split_file.resolve()),
         stat.st_size,
         stat.st_mtime_ns,
+        samples_identity(dataset) if dataset is not None else None,
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
@@ -129,7 +141,7 @@ def attach_cached_reference(module: Any, datamodule: Any) -> None:
         if dataset is None or isinstance(dataset, WithReference) or len(dataset) == 0:
             continue
         split_file = Path(getattr(datamodule.prepared, attr))
-        path = folder / f"reference-{split}-{cache_key(cfg, split_file)}.pt"
+        path = folder / f"reference-{split}-{cache_key(cfg, split_file, dataset)}.pt"
         values = None
         if path.is_file():
             try:

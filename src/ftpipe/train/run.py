@@ -15,7 +15,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,11 @@ from ftpipe.utils.launch import check_launch, expect_local_processes
 from ftpipe.utils.launch import current as current_launch
 from ftpipe.utils.logging import get_logger, global_rank
 from ftpipe.utils.world import in_group
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ftpipe.data.prepare import PreparedData
 
 log = get_logger(__name__)
 
@@ -104,18 +109,24 @@ def _warn_torchrun_shared_store() -> None:
         )
 
 
-def _prepare_inputs(cfg: PipelineConfig):
-    """Data preparation and the tokenizer (which converts the embedded model once), before any fork."""
-    from ftpipe.data.prepare import prepare_data
+def _prepare_inputs(
+    cfg: PipelineConfig, prepared: PreparedData | None = None
+) -> tuple[PreTrainedTokenizerBase, PreparedData]:
+    """The tokenizer (which converts the embedded model once) and the prepared data (prepared here unless
+    handed over), before any fork."""
+    from ftpipe.data.prepare import prepared_for
     from ftpipe.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    prepared = prepare_data(cfg)
-    return tokenizer, prepared
+    return tokenizer, prepared_for(cfg, prepared)
 
 
-def train(cfg: PipelineConfig) -> TrainResult:
-    """Fine-tune ``cfg``'s model on its data; returns where the checkpoints, logs and metrics are."""
+def train(cfg: PipelineConfig, prepared: PreparedData | None = None) -> TrainResult:
+    """Fine-tune ``cfg``'s model on its data; returns where the checkpoints, logs and metrics are.
+
+    ``prepared``: ``cfg``'s prepared data when the caller prepared it (``ftpipe run`` does, once for all
+    its stages); None: training prepares it (rank 0 prepares, the other ranks wait and reuse it).
+    """
     import lightning.pytorch as pl
 
     cfg = validate_config(cfg)
@@ -138,7 +149,7 @@ def train(cfg: PipelineConfig) -> TrainResult:
     if resume_from:
         check_resume_compatible(cfg, resume_from)  # before a byte of data, config.yaml or logs is written
     # the model id and the data are checked (tokenizer, preparation) before anything is written for the run
-    tokenizer, prepared = _prepare_inputs(cfg)
+    tokenizer, prepared = _prepare_inputs(cfg, prepared)
     locks = _lock_run_folders(cfg, root) if global_rank() == 0 else []
     try:
         return _train_locked(cfg, tokenizer, prepared, resume_from, root, threads)
@@ -194,7 +205,7 @@ def check_resume_compatible(cfg: PipelineConfig, resume_from: str) -> None:
         )
 
 
-def _data_identity(prepared) -> dict[str, Any]:
+def _data_identity(prepared: PreparedData) -> dict[str, Any]:
     """The prepared data a run trained on: its folder and the hash of its manifest."""
     import hashlib
 
@@ -205,7 +216,12 @@ def _data_identity(prepared) -> dict[str, Any]:
 
 
 def _train_locked(
-    cfg: PipelineConfig, tokenizer, prepared, resume_from: str | None, root: Path, threads: int
+    cfg: PipelineConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    prepared: PreparedData,
+    resume_from: str | None,
+    root: Path,
+    threads: int,
 ) -> TrainResult:
     """Training proper, once the checks passed and rank 0 holds the run's folders."""
     from ftpipe.data.datamodule import SFTDataModule
@@ -225,7 +241,7 @@ def _train_locked(
     objective = get_objective(cfg)
     if global_rank() == 0:
         log.info("%s", objective.describe())
-    datamodule = SFTDataModule(cfg, tokenizer, objective)
+    datamodule = SFTDataModule(cfg, tokenizer, objective, prepared=prepared)  # prepared once, above
     faults = Faults.from_config(cfg.debug)
     # the module and the step callbacks share the step's accounting
     steps = OptimizerStep(cfg.train.max_nonfinite_steps, objective.metric_names)
