@@ -147,18 +147,21 @@ def resolve_targets(model: torch.nn.Module, cfg: PipelineConfig) -> LoraTargets:
     return LoraTargets(modules, parameters, how, experts=bool(parameters))
 
 
-def lora_config(cfg: PipelineConfig, model: torch.nn.Module | None = None) -> PeftLoraConfig:
+def lora_config(
+    cfg: PipelineConfig, model: torch.nn.Module | None = None, *, targets: LoraTargets | None = None
+) -> PeftLoraConfig:
     """The PEFT LoRA configuration from ``cfg.lora`` (bias ``none``, causal-LM task) for ``model`` (its
     targets resolved, :func:`resolve_targets`; without a model, the configured names as given).
 
-    PEFT refuses dropout on adapted parameters (the expert weights): when experts get adapters, PEFT's
-    dropout is 0 and :func:`apply_lora` puts ``lora_dropout`` on the linear layers' adapters itself."""
+    ``targets``: already resolved (they are then not resolved again). PEFT refuses dropout on adapted
+    parameters (the expert weights): when experts get adapters, PEFT's dropout is 0 and :func:`apply_lora`
+    puts ``lora_dropout`` on the linear layers' adapters itself."""
     lo = cfg.lora
-    if model is None:
+    if targets is None and model is not None:
+        targets = resolve_targets(model, cfg)
+    elif targets is None:
         given = list(lo.lora_target_modules)
         targets = LoraTargets(ALL_LINEAR if given == [ALL_LINEAR] else tuple(given))
-    else:
-        targets = resolve_targets(model, cfg)
     return PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=lo.lora_rank,
@@ -189,7 +192,7 @@ def apply_lora(model: torch.nn.Module, cfg: PipelineConfig, *, announce: bool = 
         )
     # Adapters in the base weights' dtype (PEFT would upcast them to fp32 under bf16 weights): FSDP
     # needs one dtype per sharded unit, and bf16-true means bf16 throughout.
-    peft_model = get_peft_model(model, lora_config(cfg, model), autocast_adapter_dtype=False)
+    peft_model = get_peft_model(model, lora_config(cfg, targets=targets), autocast_adapter_dtype=False)
     lo = cfg.lora
     # PEFT's nn.Dropout -> the faster, leaner LoraDropout (same p); with expert adapters (no dropout in
     # PEFT) the linear layers' adapters get lora_dropout here
