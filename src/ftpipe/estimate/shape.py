@@ -16,7 +16,14 @@ from ftpipe.config.schema import PipelineConfig
 from ftpipe.distributed.layers import find_decoder_layer_classes
 from ftpipe.errors import FtpipeError
 from ftpipe.model.errors import ModelLoadError
-from ftpipe.model.moe import UnknownMoeLayout, experts_modules, listed_experts, routed_experts, router_modules
+from ftpipe.model.moe import (
+    UnknownMoeLayout,
+    experts_modules,
+    is_expert_adapter,
+    listed_experts,
+    routed_experts,
+    router_modules,
+)
 from ftpipe.model.stats import parameter_stats
 from ftpipe.utils.logging import get_logger
 
@@ -240,7 +247,7 @@ def _layer_structure(
     linears, norms = [], []
     lora_owned: set[str] = set()
     for name, module in layer.named_modules():
-        if hasattr(module, "parameter_name") and hasattr(module, "lora_A"):  # an expert-weight adapter
+        if is_expert_adapter(module):  # LoRA on a stacked expert weight: no linear module
             lora_owned.add(name)
         elif hasattr(module, "lora_A") and hasattr(module, "base_layer"):  # a PEFT LoRA layer
             adapters = list(module.r)
@@ -375,14 +382,12 @@ def _experts(model, config, largest: torch.nn.Module, n_layers: int, probe: int)
     scale = n_layers / probe
     in_layer = [e for e in found if e.name.startswith(_layer_name(model, largest) + ".")] or found[:1]
     routers = sum(p.numel() for _, r in router_modules(model) for p in r.parameters())
-    down = next((n for n in in_layer[0].parameters if "down" in n), None)
-    width = _expert_width(model, in_layer[0], down)
-    adapted = any(hasattr(m, "parameter_name") and hasattr(m, "lora_A") for m in largest.modules())
+    adapted = any(is_expert_adapter(m) for m in largest.modules())
     return {
         "num_experts": found[0].num_experts,
         "experts_per_token": top_k,
         "expert_params": int(sum(e.weight_elements for e in found) * scale),
-        "expert_intermediate_size": width,
+        "expert_intermediate_size": in_layer[0].width,
         "router_params": int(routers * scale),
         "layer_expert_elements": sum(e.weight_elements for e in in_layer),
         "experts_adapted": adapted,
@@ -391,19 +396,6 @@ def _experts(model, config, largest: torch.nn.Module, n_layers: int, probe: int)
 
 def _layer_name(model: torch.nn.Module, layer: torch.nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is layer)
-
-
-def _expert_width(model: torch.nn.Module, experts, down: str | None) -> int:
-    """One expert's MLP width: the dimension of its down projection that is not the hidden size."""
-    module = dict(model.named_modules())[experts.name]
-    while hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-        module = module.base_layer
-    hidden = _text_config(model.config).hidden_size
-    if down is not None:
-        dims = [d for d in getattr(module, down).shape[1:] if d != hidden]
-        if dims:
-            return int(dims[0])
-    return int(getattr(module, "intermediate_dim", 0) or getattr(module, "intermediate_size", 0) or 0)
 
 
 def model_shape(cfg: PipelineConfig, probe_above: int = PROBE_ABOVE_LAYERS) -> ModelShape:

@@ -32,12 +32,14 @@ class ExpertsModule:
         num_experts: experts in the layer.
         parameters: its stacked expert weights (leaf names, ``gate_up_proj``, ``down_proj``) -> elements.
         other_parameters: the stacked biases and any other parameter of the module -> elements.
+        width: one expert's MLP width (0 when neither declared nor readable from its down projection).
     """
 
     name: str
     num_experts: int
     parameters: dict[str, int]
     other_parameters: dict[str, int]
+    width: int = 0
 
     @property
     def weight_elements(self) -> int:
@@ -46,6 +48,23 @@ class ExpertsModule:
 
 def _stacked(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
+
+
+def is_expert_adapter(module: torch.nn.Module) -> bool:
+    """True for PEFT's adapter of one parameter (``ParamWrapper``: LoRA on a stacked expert weight)."""
+    return hasattr(module, "parameter_name") and hasattr(module, "lora_A")
+
+
+def _width(module: torch.nn.Module, stacked: dict[str, torch.nn.Parameter]) -> int:
+    """One expert's MLP width: as the module declares it, else the dimension of its down projection that
+    is not the hidden size."""
+    declared = getattr(module, "intermediate_dim", None) or getattr(module, "intermediate_size", None)
+    if declared:
+        return int(declared)
+    hidden = getattr(module, "hidden_dim", None) or getattr(module, "hidden_size", None)
+    down = next((p for n, p in stacked.items() if "down" in n), None)
+    dims = [d for d in down.shape[1:] if d != hidden] if down is not None else []
+    return int(dims[0]) if dims else 0
 
 
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
@@ -83,6 +102,7 @@ def experts_modules(model: torch.nn.Module) -> list[ExpertsModule]:
                 num_experts=int(count),
                 parameters={n: p.numel() for n, p in stacked.items()},
                 other_parameters=others,
+                width=_width(inner, stacked),
             )
         )
     return found
