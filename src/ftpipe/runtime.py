@@ -21,7 +21,15 @@ log = get_logger(__name__)
 
 def accelerator_name(cfg: PipelineConfig) -> str:
     """``cuda`` when a CUDA device is visible and ``accelerator`` is not ``cpu``, else ``cpu``."""
-    wanted = cfg.dist.accelerator
+    return resolve_accelerator(cfg.dist.accelerator)
+
+
+def resolve_accelerator(wanted: str) -> str:
+    """``cuda`` or ``cpu`` for an ``accelerator`` value (training's rule; evaluation follows it too).
+
+    Raises:
+        ConfigError: ``cuda`` where no CUDA device is visible.
+    """
     if wanted == "cpu":
         return "cpu"
     if torch.cuda.is_available():

@@ -25,19 +25,20 @@ Device = Literal["cuda", "cpu"]
 
 
 def evaluation_device(accelerator: str = "auto") -> Device:
-    """``cuda`` or ``cpu`` for the configured ``accelerator`` (``auto``, ``cuda`` or ``cpu``)."""
-    if accelerator == "cpu":
-        return "cpu"
-    if accelerator not in ("auto", "cuda"):
+    """``cuda`` or ``cpu`` for the configured ``accelerator`` (``auto``, ``cuda`` or ``cpu``), by training's rule
+    (``ftpipe.runtime.resolve_accelerator``)."""
+    from ftpipe.config.validate import ConfigError
+    from ftpipe.runtime import resolve_accelerator
+
+    if accelerator not in ("auto", "cuda", "cpu"):
         raise GenerationError(f"accelerator: {accelerator!r} is not one of 'auto', 'cuda', 'cpu'")
-    if torch.cuda.is_available():
-        return "cuda"
-    if accelerator == "cuda":
+    try:
+        return "cuda" if resolve_accelerator(accelerator) == "cuda" else "cpu"
+    except ConfigError as err:
         raise GenerationError(
             "accelerator: 'cuda' but no CUDA device is visible to the evaluation (CUDA_VISIBLE_DEVICES, "
             "the driver); set accelerator: auto or cpu to evaluate on the CPU"
-        )
-    return "cpu"
+        ) from err
 
 
 def device_and_dtype(accelerator: str = "auto") -> tuple[torch.device, torch.dtype]:
